@@ -1,0 +1,55 @@
+# hvd_qpr developer tasks. Everything runs from the project's virtual environment (.venv),
+# which `make install` (scripts/install.sh) creates and keeps up to date.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUFF := $(VENV)/bin/ruff
+CLANG_FORMAT := $(VENV)/bin/clang-format
+
+# Sources to lint, those of them that exist.
+PY_SRC := $(wildcard hvd_qpr tests benchmarks examples setup.py)
+CXX_SRC := $(sort $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \
+	-o -name '*.cuh' \) 2>/dev/null))
+
+.PHONY: install test lint format bench demo clean
+
+install:
+	HVD_QPR_VENV=$(VENV) bash scripts/install.sh
+
+test: install
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest -q tests
+
+lint:
+	@test -x $(RUFF) -a -x $(CLANG_FORMAT) || { echo "run 'make install' first" >&2; exit 1; }
+ifneq ($(PY_SRC),)
+	$(RUFF) check $(PY_SRC)
+	$(RUFF) format --check $(PY_SRC)
+endif
+ifneq ($(CXX_SRC),)
+	$(CLANG_FORMAT) --dry-run --Werror $(CXX_SRC)
+endif
+
+format:
+	@test -x $(RUFF) -a -x $(CLANG_FORMAT) || { echo "run 'make install' first" >&2; exit 1; }
+ifneq ($(PY_SRC),)
+	$(RUFF) check --fix $(PY_SRC)
+	$(RUFF) format $(PY_SRC)
+endif
+ifneq ($(CXX_SRC),)
+	$(CLANG_FORMAT) -i $(CXX_SRC)
+endif
+
+bench: install
+	$(PY) benchmarks/kernels.py --device cpu --json benchmarks/results/kernels_cpu.json
+
+demo: install
+	$(PY) examples/demo.py
+
+# Removes build outputs and caches; keeps .venv (remove it by hand for a from-scratch install).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	find hvd_qpr -name '*.so' -delete 2>/dev/null || true
+	find . \( -path ./.venv -o -path ./.git \) -prune -o -name __pycache__ -type d -print0 \
+		| xargs -0 -r rm -rf
+	rm -f $(VENV)/.hvd_qpr/build.sha256

@@ -1,0 +1,468 @@
+// CPU implementations of the hvd_qpr ops: argument checks, the split of work across threads
+// (at::parallel_for, so torch.set_num_threads applies), and the choice of instruction set.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cpu/kernel_table.h"
+#include "cpu/ops_cpu.h"
+#include "qpr/checks.h"
+#include "qpr/elias.h"
+#include "qpr/rng.h"
+
+namespace qpr {
+namespace cpu {
+namespace {
+
+std::atomic<const KernelTable*> g_forced{nullptr};
+
+bool supports(const KernelTable& t) {
+  __builtin_cpu_init();
+  if (&t == &kAvx512Kernels) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("bmi2");
+  }
+  if (&t == &kAvx2Kernels) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("bmi2");
+  }
+  return true;
+}
+
+const KernelTable* const kAllTables[] = {&kAvx512Kernels, &kAvx2Kernels, &kBaseKernels};
+
+const KernelTable& kernels() {
+  if (const KernelTable* forced = g_forced.load(std::memory_order_relaxed)) return *forced;
+  static const KernelTable* best = [] {
+    for (const KernelTable* t : kAllTables) {
+      if (supports(*t)) return t;
+    }
+    return &kBaseKernels;
+  }();
+  return *best;
+}
+
+// Buckets per work unit so that every unit starts on a multiple of 8 elements (whole bytes of
+// packed fields), and units per thread chunk so that a chunk has at least ~32K elements.
+int64_t group_buckets(int64_t bucket_size) { return 8 / std::gcd(bucket_size, int64_t{8}); }
+
+template <typename F>
+void parallel_over_buckets(int64_t nbuckets, int64_t bucket_size, F&& body) {
+  const int64_t g = group_buckets(bucket_size);
+  const int64_t groups = (nbuckets + g - 1) / g;
+  const int64_t grain = std::max<int64_t>(1, 32768 / (g * bucket_size));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    body(g0 * g, std::min(g1 * g, nbuckets));
+  });
+}
+
+template <typename F>
+void parallel_over_elements(int64_t numel, F&& body) {
+  const int64_t units = (numel + 7) / 8;
+  at::parallel_for(0, units, 4096, [&](int64_t u0, int64_t u1) {
+    body(u0 * 8, std::min(u1 * 8, numel));
+  });
+}
+
+void check_scales(const at::Tensor& scales, const char* op) {
+  const float* s = scales.data_ptr<float>();
+  for (int64_t b = 0; b < scales.numel(); ++b) {
+    TORCH_CHECK_VALUE(std::isfinite(s[b]) && s[b] >= 0.0f, op, ": scales[", b,
+                      "] = ", s[b], " is not a finite non-negative number");
+  }
+}
+
+[[noreturn]] void raise_nonfinite(const at::Tensor& x, const char* op) {
+  const at::Tensor flat = x.reshape({-1});
+  const int64_t index = (~at::isfinite(flat)).nonzero().index({0, 0}).item<int64_t>();
+  const double v = flat.index({index}).item<double>();
+  TORCH_CHECK_VALUE(false, op, ": x contains ", std::isnan(v) ? "NaN" : (v > 0 ? "+Inf" : "-Inf"),
+                    " (first at flat index ", index, ")");
+  __builtin_unreachable();
+}
+
+void quantize_out_cpu(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int64_t norm,
+                      int64_t seed, at::Tensor& packed, at::Tensor& scales) {
+  constexpr const char* op = "quantize";
+  check_cpu(x_in, op, "x");
+  check_float_input(x_in, op, "x");
+  check_bits(bits, op);
+  check_bucket_size(bucket_size, op);
+  check_norm(norm, op);
+  const int64_t numel = x_in.numel();
+  check_cpu(packed, op, "packed");
+  check_cpu(scales, op, "scales");
+  check_quantized(packed, scales, numel, bits, bucket_size, op);
+  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
+                    ": the output tensors must be contiguous");
+  const at::Tensor x = x_in.contiguous();
+  const QuantizeJob job{x.data_ptr(),
+                        elem_code(x.scalar_type(), op),
+                        numel,
+                        bucket_size,
+                        static_cast<int>(bits),
+                        static_cast<int>(norm),
+                        make_rng_key(static_cast<uint64_t>(seed)),
+                        packed.data_ptr<uint8_t>(),
+                        scales.data_ptr<float>()};
+  const KernelTable& k = kernels();
+  std::atomic<int> flags{0};
+  parallel_over_buckets(scales.numel(), bucket_size, [&](int64_t b0, int64_t b1) {
+    flags.fetch_or(k.quantize(job, b0, b1), std::memory_order_relaxed);
+  });
+  if (flags & kFlagNonFinite) raise_nonfinite(x, op);
+  TORCH_CHECK_VALUE(!(flags & kFlagScaleOverflow), op,
+                    ": the l2 norm of a bucket overflows float32; use norm='max'");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits,
+                                                int64_t bucket_size, int64_t norm, int64_t seed) {
+  check_bits(bits, "quantize");
+  check_bucket_size(bucket_size, "quantize");
+  at::Tensor packed = at::empty({packed_bytes(x.numel(), bits)}, x.options().dtype(at::kByte));
+  at::Tensor scales =
+      at::empty({num_buckets(x.numel(), bucket_size)}, x.options().dtype(at::kFloat));
+  quantize_out_cpu(x, bits, bucket_size, norm, seed, packed, scales);
+  return {packed, scales};
+}
+
+void dequantize_out_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
+                        int64_t bucket_size, int64_t bits, at::Tensor& out) {
+  constexpr const char* op = "dequantize";
+  check_cpu(packed_in, op, "packed");
+  check_cpu(scales_in, op, "scales");
+  check_cpu(out, op, "out");
+  check_float_input(out, op, "out");
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  const int64_t numel = out.numel();
+  check_quantized(packed_in, scales_in, numel, bits, bucket_size, op);
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  check_scales(scales, op);
+  const DequantizeJob job{packed.data_ptr<uint8_t>(),
+                          scales.data_ptr<float>(),
+                          numel,
+                          bucket_size,
+                          static_cast<int>(bits),
+                          elem_code(out.scalar_type(), op),
+                          out.data_ptr()};
+  const KernelTable& k = kernels();
+  std::atomic<int> flags{0};
+  parallel_over_buckets(scales.numel(), bucket_size, [&](int64_t b0, int64_t b1) {
+    flags.fetch_or(k.dequantize(job, b0, b1), std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!(flags & kFlagInvalidField), op, ": packed holds a field equal to ",
+                    (1 << bits) - 1, ", which no ", bits, "-bit level encodes");
+  TORCH_CHECK_VALUE(!(flags & kFlagOutputOverflow), op, ": a dequantized value overflows ",
+                    out.scalar_type(), " (largest scale ", scales.max().item<float>(),
+                    "); dequantize to torch.float32 instead");
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales,
+                          at::IntArrayRef shape, int64_t bits, int64_t bucket_size,
+                          at::ScalarType dtype) {
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  dequantize_out_cpu(packed, scales, bucket_size, bits, out);
+  return out;
+}
+
+int int_type_code(at::ScalarType dt, const char* op, const char* name) {
+  switch (dt) {
+    case at::kByte:
+      return kU8;
+    case at::kShort:
+      return kI16;
+    case at::kInt:
+      return kI32;
+    case at::kLong:
+      return kI64;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be uint8, int16, int32 or int64, got ", dt);
+  }
+}
+
+void check_field_bits(int64_t field_bits, const char* op) {
+  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op,
+                    ": field_bits must be in 1..16, got ", field_bits);
+}
+
+at::Tensor pack_bits_cpu(const at::Tensor& values_in, int64_t field_bits) {
+  constexpr const char* op = "pack_bits";
+  check_cpu(values_in, op, "values");
+  check_field_bits(field_bits, op);
+  const int type = int_type_code(values_in.scalar_type(), op, "values");
+  const at::Tensor values = values_in.contiguous();
+  const int64_t numel = values.numel();
+  at::Tensor out = at::empty({packed_bytes(numel, field_bits)}, values.options().dtype(at::kByte));
+  const PackJob job{values.data_ptr(), type, static_cast<int>(field_bits),
+                    out.data_ptr<uint8_t>()};
+  const KernelTable& k = kernels();
+  std::atomic<int> flags{0};
+  parallel_over_elements(numel, [&](int64_t e0, int64_t e1) {
+    flags.fetch_or(k.pack(job, e0, e1), std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!(flags & kFlagInvalidField), op, ": values must be in [0, 2**", field_bits,
+                    "), got min ", values.min().item<int64_t>(), " and max ",
+                    values.max().item<int64_t>());
+  return out;
+}
+
+at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t field_bits, int64_t numel,
+                           at::ScalarType dtype) {
+  constexpr const char* op = "unpack_bits";
+  check_cpu(packed_in, op, "packed");
+  check_field_bits(field_bits, op);
+  check_dtype(packed_in, at::kByte, op, "packed");
+  const int type = int_type_code(dtype, op, "dtype");
+  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(packed_in.dim() == 1 && packed_in.numel() >= packed_bytes(numel, field_bits),
+                    op, ": packed must be a 1-D tensor of at least ",
+                    packed_bytes(numel, field_bits), " bytes for ", numel, " fields of ",
+                    field_bits, " bits, got shape ", packed_in.sizes());
+  const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
+  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ", dtype);
+  const at::Tensor packed = packed_in.contiguous();
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  const UnpackJob job{packed.data_ptr<uint8_t>(), static_cast<int>(field_bits), type,
+                      out.data_ptr()};
+  const KernelTable& k = kernels();
+  parallel_over_elements(numel, [&](int64_t e0, int64_t e1) { k.unpack(job, e0, e1); });
+  return out;
+}
+
+// ---- Elias stream ------------------------------------------------------------------------------
+
+template <typename T>
+void put_le(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));  // the stream is little-endian, as are all supported hosts
+}
+
+template <typename T>
+T get_le(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hvd_qpr streams are little-endian");
+
+at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
+                            at::IntArrayRef shape, int64_t bits, int64_t bucket_size,
+                            int64_t norm, at::ScalarType dtype) {
+  constexpr const char* op = "elias_encode";
+  check_cpu(packed_in, op, "packed");
+  check_cpu(scales_in, op, "scales");
+  check_norm(norm, op);
+  const int dtype_code = elem_code(dtype, op);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(shape.size()) <= elias::kMaxDims, op,
+                    ": at most ", elias::kMaxDims, " dimensions, got ", shape.size());
+  const int64_t numel = shape_numel(shape, op);
+  check_quantized(packed_in, scales_in, numel, bits, bucket_size, op);
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  check_scales(scales, op);
+  const int64_t nbuckets = scales.numel();
+
+  const EliasJob job{packed.data_ptr<uint8_t>(), numel, bucket_size, static_cast<int>(bits)};
+  const KernelTable& k = kernels();
+  std::vector<uint64_t> offsets(static_cast<size_t>(nbuckets) + 1, 0);
+  std::atomic<int> flags{0};
+  parallel_over_buckets(nbuckets, bucket_size, [&](int64_t b0, int64_t b1) {
+    flags.fetch_or(k.elias_lengths(job, b0, b1, offsets.data()), std::memory_order_relaxed);
+  });
+  TORCH_CHECK_VALUE(!(flags & kFlagInvalidField), op, ": packed holds a field equal to ",
+                    (1 << bits) - 1, ", which no ", bits, "-bit level encodes");
+  uint64_t total = 0;
+  for (int64_t b = 0; b < nbuckets; ++b) {
+    const uint64_t len = offsets[b];
+    offsets[b] = total;
+    total += len;
+  }
+  offsets[nbuckets] = total;
+  TORCH_CHECK_VALUE(total <= elias::kMaxCodeBits, op, ": the code is ", total,
+                    " bits, more than a stream's 2**32-1; encode the tensor in parts");
+
+  const int64_t ndim = static_cast<int64_t>(shape.size());
+  const int64_t shape_at = elias::kHeaderBytes;
+  const int64_t scales_at = shape_at + 8 * ndim;
+  const int64_t offsets_at = scales_at + 4 * nbuckets;
+  const int64_t code_at = offsets_at + 4 * nbuckets;
+  const int64_t length = code_at + static_cast<int64_t>((total + 7) / 8);
+  at::Tensor out = at::empty({length}, packed.options());
+  uint8_t* s = out.data_ptr<uint8_t>();
+  std::memset(s, 0, elias::kHeaderBytes);
+  std::memcpy(s, elias::kMagic, 4);
+  s[4] = elias::kVersion;
+  s[5] = static_cast<uint8_t>(bits);
+  s[6] = static_cast<uint8_t>(norm);
+  s[7] = static_cast<uint8_t>(dtype_code);
+  s[8] = static_cast<uint8_t>(ndim);
+  put_le<uint32_t>(s + 12, static_cast<uint32_t>(bucket_size));
+  put_le<uint64_t>(s + 16, static_cast<uint64_t>(numel));
+  put_le<uint64_t>(s + 24, total);
+  for (int64_t i = 0; i < ndim; ++i) put_le<int64_t>(s + shape_at + 8 * i, shape[i]);
+  std::memcpy(s + scales_at, scales.data_ptr<float>(), 4 * nbuckets);
+  for (int64_t b = 0; b < nbuckets; ++b) {
+    put_le<uint32_t>(s + offsets_at + 4 * b, static_cast<uint32_t>(offsets[b]));
+  }
+  uint8_t* code = s + code_at;
+  std::memset(code, 0, static_cast<size_t>(length - code_at));
+  parallel_over_buckets(nbuckets, bucket_size, [&](int64_t b0, int64_t b1) {
+    k.elias_write(job, b0, b1, offsets.data(), code);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor& stream_in) {
+  constexpr const char* op = "elias_decode";
+  check_cpu(stream_in, op, "stream");
+  check_dtype(stream_in, at::kByte, op, "stream");
+  TORCH_CHECK_VALUE(stream_in.dim() == 1, op, ": stream must be 1-D, got shape ",
+                    stream_in.sizes());
+  const at::Tensor stream = stream_in.contiguous();
+  const uint8_t* s = stream.data_ptr<uint8_t>();
+  const uint64_t length = static_cast<uint64_t>(stream.numel());
+  const std::string bad = std::string(op) + ": malformed stream: ";
+
+  TORCH_CHECK_VALUE(length >= elias::kHeaderBytes, bad, "truncated header (", length,
+                    " bytes, need ", elias::kHeaderBytes, ")");
+  TORCH_CHECK_VALUE(std::memcmp(s, elias::kMagic, 4) == 0, bad,
+                    "wrong magic (not an hvd_qpr Elias stream)");
+  TORCH_CHECK_VALUE(s[4] == elias::kVersion, bad, "unsupported version ", int(s[4]));
+  const int bits = s[5];
+  const int norm = s[6];
+  const int dtype_code = s[7];
+  const int ndim = s[8];
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, bad, "bits ", bits, " outside 2..8");
+  TORCH_CHECK_VALUE(norm == elias::kNormMax || norm == elias::kNormL2, bad, "unknown norm code ",
+                    norm);
+  TORCH_CHECK_VALUE(dtype_code >= 0 && dtype_code <= 2, bad, "unknown dtype code ", dtype_code);
+  TORCH_CHECK_VALUE(ndim <= elias::kMaxDims, bad, "ndim ", ndim, " above ", elias::kMaxDims);
+  TORCH_CHECK_VALUE(s[9] == 0 && s[10] == 0 && s[11] == 0, bad, "reserved bytes are not zero");
+  const uint32_t bucket_size = get_le<uint32_t>(s + 12);
+  const uint64_t numel = get_le<uint64_t>(s + 16);
+  const uint64_t code_bits = get_le<uint64_t>(s + 24);
+  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, bad, "bucket_size ",
+                    bucket_size, " outside 1..2**31-1");
+  TORCH_CHECK_VALUE(code_bits <= elias::kMaxCodeBits, bad, "code length ", code_bits,
+                    " bits above the 2**32-1 limit");
+  TORCH_CHECK_VALUE(length >= static_cast<uint64_t>(elias::kHeaderBytes) + 8u * ndim, bad, "truncated shape");
+  std::vector<int64_t> shape(static_cast<size_t>(ndim));
+  uint64_t product = 1;
+  for (int i = 0; i < ndim; ++i) {
+    const int64_t dim = get_le<int64_t>(s + elias::kHeaderBytes + 8 * i);
+    TORCH_CHECK_VALUE(dim >= 0, bad, "negative dimension ", dim);
+    shape[i] = dim;
+    TORCH_CHECK_VALUE(dim == 0 || product <= numel / static_cast<uint64_t>(dim) || product == 0,
+                      bad, "shape does not match numel ", numel);
+    product *= static_cast<uint64_t>(dim);
+  }
+  TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ",
+                    numel);
+  // numel now fits the shape of a real tensor; the table sizes below follow from it.
+  const uint64_t nbuckets = (numel + bucket_size - 1) / bucket_size;
+  const uint64_t shape_at = elias::kHeaderBytes + 8u * ndim;
+  const uint64_t scales_at = shape_at;
+  const uint64_t offsets_at = scales_at + 4 * nbuckets;
+  const uint64_t code_at = offsets_at + 4 * nbuckets;
+  const uint64_t code_bytes = (code_bits + 7) / 8;
+  TORCH_CHECK_VALUE(nbuckets <= length && code_at + code_bytes == length, bad, "length ", length,
+                    " bytes, but the header describes ", code_at + code_bytes);
+  for (uint64_t b = 0; b < nbuckets; ++b) {
+    const float v = get_le<float>(s + scales_at + 4 * b);
+    TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0f, bad, "scale of bucket ", b, " is ", v);
+  }
+  std::vector<uint32_t> offsets(nbuckets);
+  for (uint64_t b = 0; b < nbuckets; ++b) {
+    offsets[b] = get_le<uint32_t>(s + offsets_at + 4 * b);
+    TORCH_CHECK_VALUE(b > 0 || offsets[b] == 0, bad, "first bucket offset is ", offsets[b],
+                      ", not 0");
+    TORCH_CHECK_VALUE(b == 0 || offsets[b] >= offsets[b - 1], bad, "offset of bucket ", b,
+                      " goes backwards");
+    TORCH_CHECK_VALUE(offsets[b] <= code_bits, bad, "offset of bucket ", b,
+                      " is past the end of the code");
+  }
+  TORCH_CHECK_VALUE(code_bits % 8 == 0 || (s[length - 1] >> (code_bits % 8)) == 0, bad,
+                    "padding bits after the code are not zero");
+
+  const int64_t n = static_cast<int64_t>(numel);
+  at::Tensor packed = at::zeros({packed_bytes(n, bits)}, stream.options());
+  at::Tensor scales = at::empty({static_cast<int64_t>(nbuckets)}, stream.options().dtype(at::kFloat));
+  std::memcpy(scales.data_ptr<float>(), s + scales_at, 4 * nbuckets);
+  const EliasDecodeJob job{s + code_at, code_bytes,       code_bits, offsets.data(),
+                           n,           bucket_size,      bits,      packed.data_ptr<uint8_t>()};
+  const KernelTable& k = kernels();
+  std::atomic<int64_t> first_error{INT64_MAX};
+  parallel_over_buckets(static_cast<int64_t>(nbuckets), bucket_size, [&](int64_t b0, int64_t b1) {
+    const EliasError e = k.elias_decode(job, b0, b1);
+    if (e.bucket < 0) return;
+    int64_t cur = first_error.load();
+    while (e.bucket < cur && !first_error.compare_exchange_weak(cur, e.bucket)) {
+    }
+  });
+  const int64_t failed = first_error.load();
+  if (failed != INT64_MAX) {
+    // Decode the failing bucket's unit again, alone, to name what is wrong with it.
+    const EliasError e = k.elias_decode(job, failed, failed + 1);
+    TORCH_CHECK_VALUE(false, bad, "bucket ", failed, ": ", e.what ? e.what : "corrupt codes");
+  }
+  at::Tensor meta = at::empty({5 + ndim}, stream.options().dtype(at::kLong));
+  int64_t* m = meta.data_ptr<int64_t>();
+  m[0] = bits;
+  m[1] = bucket_size;
+  m[2] = norm;
+  m[3] = dtype_code;
+  m[4] = ndim;
+  for (int i = 0; i < ndim; ++i) m[5 + i] = shape[i];
+  return {packed, scales, meta};
+}
+
+}  // namespace
+
+std::vector<std::string> available_kernel_sets() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : kAllTables) {
+    if (supports(*t)) names.emplace_back(t->name);
+  }
+  return names;
+}
+
+std::string active_kernel_set() { return kernels().name; }
+
+void force_kernel_set(const std::string& name) {
+  if (name == "auto") {
+    g_forced.store(nullptr);
+    return;
+  }
+  for (const KernelTable* t : kAllTables) {
+    if (name == t->name) {
+      TORCH_CHECK_VALUE(supports(*t), "this processor cannot run the ", name, " kernels");
+      g_forced.store(t);
+      return;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "unknown kernel set '", name, "'; choose auto, avx512, avx2 or base");
+}
+
+}  // namespace cpu
+}  // namespace qpr
+
+TORCH_LIBRARY_IMPL(hvd_qpr, CPU, m) {
+  m.impl("quantize", &qpr::cpu::quantize_cpu);
+  m.impl("quantize_out", &qpr::cpu::quantize_out_cpu);
+  m.impl("dequantize", &qpr::cpu::dequantize_cpu);
+  m.impl("dequantize_out", &qpr::cpu::dequantize_out_cpu);
+  m.impl("pack_bits", &qpr::cpu::pack_bits_cpu);
+  m.impl("unpack_bits", &qpr::cpu::unpack_bits_cpu);
+  m.impl("elias_encode", &qpr::cpu::elias_encode_cpu);
+  m.impl("elias_decode", &qpr::cpu::elias_decode_cpu);
+}

@@ -1,0 +1,96 @@
+// Argument checks at the boundary of every op: they raise TypeError (wrong dtype) or ValueError
+// (everything else) with a message that names the op and the argument.
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+
+#include "qpr/elias.h"
+
+namespace qpr {
+
+inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
+                   " must be float32, float16 or bfloat16, got ", dt,
+                   " (float64 is not quantized: cast it, or leave it uncompressed)");
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op,
+                        const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ",
+                   t.scalar_type());
+}
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+}
+
+inline void check_bits(int64_t bits, const char* op) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, op, ": bits must be in 2..8, got ", bits);
+}
+
+inline void check_bucket_size(int64_t bucket_size, const char* op) {
+  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, op,
+                    ": bucket_size must be in 1..2**31-1, got ", bucket_size);
+}
+
+inline void check_norm(int64_t norm, const char* op) {
+  TORCH_CHECK_VALUE(norm == elias::kNormMax || norm == elias::kNormL2, op,
+                    ": norm code must be 0 (max) or 1 (l2), got ", norm);
+}
+
+inline int elem_code(at::ScalarType dt, const char* op) {
+  switch (dt) {
+    case at::kFloat:
+      return elias::kDtypeFloat32;
+    case at::kHalf:
+      return elias::kDtypeFloat16;
+    case at::kBFloat16:
+      return elias::kDtypeBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": dtype must be float32, float16 or bfloat16, got ", dt);
+  }
+}
+
+inline at::ScalarType elem_dtype(int code) {
+  return code == elias::kDtypeFloat32   ? at::kFloat
+         : code == elias::kDtypeFloat16 ? at::kHalf
+                                        : at::kBFloat16;
+}
+
+// numel of a shape, checking every dimension is non-negative.
+inline int64_t shape_numel(at::IntArrayRef shape, const char* op) {
+  int64_t n = 1;
+  for (const int64_t s : shape) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": shape has a negative dimension: ", shape);
+    n *= s;
+  }
+  return n;
+}
+
+inline int64_t num_buckets(int64_t numel, int64_t bucket_size) {
+  return (numel + bucket_size - 1) / bucket_size;
+}
+
+inline int64_t packed_bytes(int64_t numel, int64_t bits) { return (numel * bits + 7) / 8; }
+
+// A quantized tensor's packed levels and scales, as quantize made them.
+inline void check_quantized(const at::Tensor& packed, const at::Tensor& scales, int64_t numel,
+                            int64_t bits, int64_t bucket_size, const char* op) {
+  check_bits(bits, op);
+  check_bucket_size(bucket_size, op);
+  check_dtype(packed, at::kByte, op, "packed");
+  check_dtype(scales, at::kFloat, op, "scales");
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.numel() == packed_bytes(numel, bits), op,
+                    ": packed must be a 1-D tensor of ", packed_bytes(numel, bits),
+                    " bytes for ", numel, " values of ", bits, " bits, got shape ",
+                    packed.sizes());
+  TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == num_buckets(numel, bucket_size), op,
+                    ": scales must be a 1-D tensor of ", num_buckets(numel, bucket_size),
+                    " values (one per bucket), got shape ", scales.sizes());
+}
+
+}  // namespace qpr

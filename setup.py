@@ -1,0 +1,56 @@
+"""Build of hvd_qpr and its native extension hvd_qpr._C.
+
+The C++ sources always build; the CUDA sources (csrc/cuda/*.cu) build as well when PyTorch has
+CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST selects the GPU architectures, as for any PyTorch
+extension (default here: sm_80 and sm_90).
+"""
+
+import glob
+import os
+import shutil
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-Wall"]
+# No fused multiply-adds and IEEE division/sqrt, so the GPU rounds as the CPU does.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-prec-div=true", "-prec-sqrt=true"]
+
+
+def _cuda_available() -> bool:
+    return torch.version.cuda is not None and (
+        shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
+    )
+
+
+def _extension():
+    cpp = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    cu = sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    if cu and _cuda_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "hvd_qpr._C",
+            cpp + cu,
+            include_dirs=include_dirs,
+            define_macros=[("QPR_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        )
+    return CppExtension(
+        "hvd_qpr._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": CXX_FLAGS}
+    )
+
+
+setup(
+    name="hvd_qpr",
+    version="0.1.0",
+    description="Quantized Parallel-Restarted SGD for Horovod and PyTorch",
+    packages=find_packages(include=["hvd_qpr", "hvd_qpr.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
