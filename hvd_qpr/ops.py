@@ -20,7 +20,7 @@ Example:
     >>> import torch, hvd_qpr.ops as ops
     >>> x = torch.randn(1000)
     >>> q = ops.quantize(x, bits=4, bucket_size=512, norm="max", seed=0)
-    >>> x_hat = ops.dequantize(q)                 # unbiased estimate of x
+    >>> x_hat = ops.dequantize(q)  # unbiased estimate of x
     >>> q2 = ops.elias_decode(ops.elias_encode(q))
     >>> q2 == q
     True
@@ -83,8 +83,14 @@ class QuantizedTensor:
             return NotImplemented
         return (
             (self.numel, tuple(self.shape), self.dtype, self.bits, self.bucket_size, self.norm)
-            == (other.numel, tuple(other.shape), other.dtype, other.bits, other.bucket_size,
-                other.norm)
+            == (
+                other.numel,
+                tuple(other.shape),
+                other.dtype,
+                other.bits,
+                other.bucket_size,
+                other.norm,
+            )
             and torch.equal(self.packed, other.packed)
             and torch.equal(self.scales, other.scales)
         )
@@ -123,7 +129,12 @@ def seed_to_int64(seed: int, op: str = "quantize") -> int:
 
 
 def quantize(
-    x: torch.Tensor, bits: int = 4, bucket_size: int = 512, norm: str = "max", seed: int = 0
+    x: torch.Tensor,
+    bits: int = 4,
+    bucket_size: int = 512,
+    norm: str = "max",
+    seed: int = 0,
+    out: QuantizedTensor | None = None,
 ) -> QuantizedTensor:
     """QSGD-quantizes ``x`` bucket by bucket with unbiased stochastic rounding.
 
@@ -133,9 +144,11 @@ def quantize(
         bucket_size: values per bucket, each with its own scale.
         norm: ``"max"`` (scale = max |v| of the bucket) or ``"l2"`` (its l2 norm, the paper's).
         seed: in [0, 2**64); draws depend on (seed, flat index) only.
+        out: a QuantizedTensor of the same numel, bits and bucket_size whose packed and scales
+            buffers are overwritten and reused (saves allocating fresh memory every call).
 
     Returns:
-        The QuantizedTensor.
+        The QuantizedTensor (sharing out's buffers when out is given).
 
     Raises:
         TypeError: x is not a tensor of a supported dtype.
@@ -148,28 +161,36 @@ def quantize(
     """
     op = "quantize"
     _check_tensor(x, op, "x")
-    code = norm_code(norm, op)
-    packed, scales = torch.ops.hvd_qpr.quantize(
+    args = (
         x,
         _check_int(bits, op, "bits"),
         _check_int(bucket_size, op, "bucket_size"),
-        code,
+        norm_code(norm, op),
         seed_to_int64(seed, op),
     )
-    return QuantizedTensor(
-        packed, scales, x.numel(), x.shape, x.dtype, bits, bucket_size, norm
-    )
+    if out is None:
+        packed, scales = torch.ops.hvd_qpr.quantize(*args)
+    else:
+        if not isinstance(out, QuantizedTensor):
+            raise TypeError(f"{op}: out must be a QuantizedTensor, got {type(out).__name__}")
+        packed, scales = out.packed, out.scales
+        torch.ops.hvd_qpr.quantize_out(*args, packed, scales)
+    return QuantizedTensor(packed, scales, x.numel(), x.shape, x.dtype, bits, bucket_size, norm)
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize(
+    q: QuantizedTensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Expands a QuantizedTensor back to values ``level * scale / s``.
 
     Args:
         q: the quantized tensor.
         dtype: output dtype (float32, float16 or bfloat16); q.dtype when None.
+        out: a contiguous tensor of q.numel elements to write into (its dtype is the output
+            dtype; dtype must then be None or the same).
 
     Returns:
-        A tensor of shape q.shape.
+        A tensor of shape q.shape (out itself when given).
 
     Raises:
         ValueError: inconsistent q (sizes, a negative or non-finite scale, an invalid field), or
@@ -180,10 +201,19 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Te
     """
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize: q must be a QuantizedTensor, got {type(q).__name__}")
-    _check_tensor(q.packed, "dequantize", "q.packed")
-    return torch.ops.hvd_qpr.dequantize(
-        q.packed, q.scales, list(q.shape), q.bits, q.bucket_size, dtype or q.dtype
-    )
+    op = "dequantize"
+    _check_tensor(q.packed, op, "q.packed")
+    if out is None:
+        return torch.ops.hvd_qpr.dequantize(
+            q.packed, q.scales, list(q.shape), q.bits, q.bucket_size, dtype or q.dtype
+        )
+    _check_tensor(out, op, "out")
+    if dtype is not None and dtype != out.dtype:
+        raise TypeError(f"{op}: dtype {dtype} differs from out's dtype {out.dtype}")
+    if out.numel() != q.numel:
+        raise ValueError(f"{op}: out has {out.numel()} elements, q has {q.numel}")
+    torch.ops.hvd_qpr.dequantize_out(q.packed, q.scales, q.bucket_size, q.bits, out)
+    return out
 
 
 def elias_encode(q: QuantizedTensor) -> torch.Tensor:
@@ -315,6 +345,14 @@ def _register_fakes() -> None:
         n = x.numel()
         packed = x.new_empty(((n * bits + 7) // 8,), dtype=torch.uint8)
         return packed, x.new_empty((-(-n // bucket_size),), dtype=torch.float32)
+
+    @torch.library.register_fake("hvd_qpr::quantize_out")
+    def _(x, bits, bucket_size, norm, seed, packed, scales):
+        return None
+
+    @torch.library.register_fake("hvd_qpr::dequantize_out")
+    def _(packed, scales, bucket_size, bits, out):
+        return None
 
     @torch.library.register_fake("hvd_qpr::dequantize")
     def _(packed, scales, shape, bits, bucket_size, dtype):

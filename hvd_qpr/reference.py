@@ -211,8 +211,16 @@ def elias_encode(q: QuantizedTensor) -> torch.Tensor:
         offsets.append(total)
         total += len(bits)
     header = ELIAS_HEADER.pack(
-        ELIAS_MAGIC, ELIAS_VERSION, q.bits, NORMS[q.norm], _DTYPE_CODES[q.dtype], len(q.shape),
-        b"\0\0\0", q.bucket_size, q.numel, total,
+        ELIAS_MAGIC,
+        ELIAS_VERSION,
+        q.bits,
+        NORMS[q.norm],
+        _DTYPE_CODES[q.dtype],
+        len(q.shape),
+        b"\0\0\0",
+        q.bucket_size,
+        q.numel,
+        total,
     )
     flat_bits = torch.tensor([b for bits in codes for b in bits], dtype=torch.int64)
     body = (
@@ -266,7 +274,7 @@ def elias_decode(stream: torch.Tensor) -> QuantizedTensor:
     offsets = list(struct.unpack_from(f"<{nb}I", data, at + 4 * nb)) + [code_bits]
     if any(not math.isfinite(v) or v < 0 for v in scales):
         raise _malformed("bad scale")
-    if nb and offsets[0] != 0 or any(a > b for a, b in zip(offsets, offsets[1:])):
+    if nb and offsets[0] != 0 or any(a > b for a, b in zip(offsets, offsets[1:], strict=False)):
         raise _malformed("bad offsets")
     code = torch.tensor(list(data[at + 8 * nb :]), dtype=torch.uint8)
     all_bits = unpack_bits(code, 1, code.numel() * 8, torch.int64).tolist()

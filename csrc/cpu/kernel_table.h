@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "qpr/rng.h"
 
@@ -93,12 +94,11 @@ struct KernelTable {
   // not fit the field.
   int (*pack)(const PackJob& job, int64_t e0, int64_t e1);
   void (*unpack)(const UnpackJob& job, int64_t e0, int64_t e1);
-  // Code length in bits of each bucket b in [b0, b1), written to bits_out[b]; returns
-  // kFlagInvalidField for a field no level encodes.
-  int (*elias_lengths)(const EliasJob& job, int64_t b0, int64_t b1, uint64_t* bits_out);
-  // Writes buckets [b0, b1) at their bit offsets (offsets[b]) into a zero-filled code section.
-  void (*elias_write)(const EliasJob& job, int64_t b0, int64_t b1, const uint64_t* offsets,
-                      uint8_t* code);
+  // Elias codes of buckets [b0, b1) into code (grown as needed, bit 0 onwards), with offsets[b]
+  // the bit where bucket b starts and bits the total. Returns kFlagInvalidField for a field no
+  // level encodes.
+  int (*elias_encode)(const EliasJob& job, int64_t b0, int64_t b1, std::vector<uint8_t>& code,
+                      uint64_t* offsets, uint64_t& bits);
   EliasError (*elias_decode)(const EliasDecodeJob& job, int64_t b0, int64_t b1);
 };
 

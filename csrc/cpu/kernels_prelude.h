@@ -2,8 +2,8 @@
 // `#pragma GCC target` of each build so that library code stays compiled for the baseline.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>

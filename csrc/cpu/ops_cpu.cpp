@@ -1,5 +1,7 @@
 // CPU implementations of the hvd_qpr ops: argument checks, the split of work across threads
 // (at::parallel_for, so torch.set_num_threads applies), and the choice of instruction set.
+#include "cpu/ops_cpu.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -7,12 +9,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "cpu/kernel_table.h"
-#include "cpu/ops_cpu.h"
 #include "qpr/checks.h"
 #include "qpr/elias.h"
 #include "qpr/rng.h"
@@ -60,24 +62,70 @@ void parallel_over_buckets(int64_t nbuckets, int64_t bucket_size, F&& body) {
   const int64_t g = group_buckets(bucket_size);
   const int64_t groups = (nbuckets + g - 1) / g;
   const int64_t grain = std::max<int64_t>(1, 32768 / (g * bucket_size));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    body(g0 * g, std::min(g1 * g, nbuckets));
-  });
+  at::parallel_for(0, groups, grain,
+                   [&](int64_t g0, int64_t g1) { body(g0 * g, std::min(g1 * g, nbuckets)); });
 }
 
 template <typename F>
 void parallel_over_elements(int64_t numel, F&& body) {
   const int64_t units = (numel + 7) / 8;
-  at::parallel_for(0, units, 4096, [&](int64_t u0, int64_t u1) {
-    body(u0 * 8, std::min(u1 * 8, numel));
-  });
+  at::parallel_for(0, units, 4096,
+                   [&](int64_t u0, int64_t u1) { body(u0 * 8, std::min(u1 * 8, numel)); });
+}
+
+constexpr int64_t kMinElementsPerChunk = 32768;
+
+// Byte buffers for the Elias coder's chunks, taken from and returned to a process-wide pool so
+// that repeated calls reuse warm memory instead of faulting in fresh pages every time.
+class ScratchBuffers {
+ public:
+  explicit ScratchBuffers(size_t n) {
+    std::lock_guard<std::mutex> lock(mutex());
+    while (buffers_.size() < n && !pool().empty()) {
+      buffers_.push_back(std::move(pool().back()));
+      pool().pop_back();
+    }
+    buffers_.resize(n);
+  }
+  ~ScratchBuffers() {
+    std::lock_guard<std::mutex> lock(mutex());
+    for (auto& b : buffers_) pool().push_back(std::move(b));
+  }
+  std::vector<uint8_t>& operator[](size_t i) { return buffers_[i]; }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::vector<uint8_t>>& pool() {
+    static std::vector<std::vector<uint8_t>> p;
+    return p;
+  }
+  std::vector<std::vector<uint8_t>> buffers_;
+};
+
+// ORs nbits bits of src (from its bit 0) into dst at bit `at`; dst's bits from `at` on are zero.
+void append_bits(uint8_t* dst, uint64_t at, const uint8_t* src, uint64_t nbits) {
+  const uint64_t bytes = (nbits + 7) / 8;
+  uint8_t* d = dst + at / 8;
+  const int shift = static_cast<int>(at % 8);
+  if (shift == 0) {
+    std::memcpy(d, src, bytes);
+    return;
+  }
+  for (uint64_t i = 0; i < bytes; ++i) {
+    d[i] |= static_cast<uint8_t>(src[i] << shift);
+    const uint8_t high = static_cast<uint8_t>(src[i] >> (8 - shift));
+    if (high) d[i + 1] = high;  // only bits of this code reach that byte
+  }
 }
 
 void check_scales(const at::Tensor& scales, const char* op) {
   const float* s = scales.data_ptr<float>();
   for (int64_t b = 0; b < scales.numel(); ++b) {
-    TORCH_CHECK_VALUE(std::isfinite(s[b]) && s[b] >= 0.0f, op, ": scales[", b,
-                      "] = ", s[b], " is not a finite non-negative number");
+    TORCH_CHECK_VALUE(std::isfinite(s[b]) && s[b] >= 0.0f, op, ": scales[", b, "] = ", s[b],
+                      " is not a finite non-negative number");
   }
 }
 
@@ -148,13 +196,9 @@ void dequantize_out_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor scales = scales_in.contiguous();
   check_scales(scales, op);
-  const DequantizeJob job{packed.data_ptr<uint8_t>(),
-                          scales.data_ptr<float>(),
-                          numel,
-                          bucket_size,
-                          static_cast<int>(bits),
-                          elem_code(out.scalar_type(), op),
-                          out.data_ptr()};
+  const DequantizeJob job{
+      packed.data_ptr<uint8_t>(), scales.data_ptr<float>(),         numel,         bucket_size,
+      static_cast<int>(bits),     elem_code(out.scalar_type(), op), out.data_ptr()};
   const KernelTable& k = kernels();
   std::atomic<int> flags{0};
   parallel_over_buckets(scales.numel(), bucket_size, [&](int64_t b0, int64_t b1) {
@@ -167,9 +211,8 @@ void dequantize_out_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in
                     "); dequantize to torch.float32 instead");
 }
 
-at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales,
-                          at::IntArrayRef shape, int64_t bits, int64_t bucket_size,
-                          at::ScalarType dtype) {
+at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales, at::IntArrayRef shape,
+                          int64_t bits, int64_t bucket_size, at::ScalarType dtype) {
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   dequantize_out_cpu(packed, scales, bucket_size, bits, out);
   return out;
@@ -191,8 +234,8 @@ int int_type_code(at::ScalarType dt, const char* op, const char* name) {
 }
 
 void check_field_bits(int64_t field_bits, const char* op) {
-  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op,
-                    ": field_bits must be in 1..16, got ", field_bits);
+  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
+                    field_bits);
 }
 
 at::Tensor pack_bits_cpu(const at::Tensor& values_in, int64_t field_bits) {
@@ -203,8 +246,7 @@ at::Tensor pack_bits_cpu(const at::Tensor& values_in, int64_t field_bits) {
   const at::Tensor values = values_in.contiguous();
   const int64_t numel = values.numel();
   at::Tensor out = at::empty({packed_bytes(numel, field_bits)}, values.options().dtype(at::kByte));
-  const PackJob job{values.data_ptr(), type, static_cast<int>(field_bits),
-                    out.data_ptr<uint8_t>()};
+  const PackJob job{values.data_ptr(), type, static_cast<int>(field_bits), out.data_ptr<uint8_t>()};
   const KernelTable& k = kernels();
   std::atomic<int> flags{0};
   parallel_over_elements(numel, [&](int64_t e0, int64_t e1) {
@@ -256,15 +298,15 @@ T get_le(const uint8_t* p) {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hvd_qpr streams are little-endian");
 
 at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
-                            at::IntArrayRef shape, int64_t bits, int64_t bucket_size,
-                            int64_t norm, at::ScalarType dtype) {
+                            at::IntArrayRef shape, int64_t bits, int64_t bucket_size, int64_t norm,
+                            at::ScalarType dtype) {
   constexpr const char* op = "elias_encode";
   check_cpu(packed_in, op, "packed");
   check_cpu(scales_in, op, "scales");
   check_norm(norm, op);
   const int dtype_code = elem_code(dtype, op);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(shape.size()) <= elias::kMaxDims, op,
-                    ": at most ", elias::kMaxDims, " dimensions, got ", shape.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(shape.size()) <= elias::kMaxDims, op, ": at most ",
+                    elias::kMaxDims, " dimensions, got ", shape.size());
   const int64_t numel = shape_numel(shape, op);
   check_quantized(packed_in, scales_in, numel, bits, bucket_size, op);
   const at::Tensor packed = packed_in.contiguous();
@@ -274,20 +316,29 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
 
   const EliasJob job{packed.data_ptr<uint8_t>(), numel, bucket_size, static_cast<int>(bits)};
   const KernelTable& k = kernels();
-  std::vector<uint64_t> offsets(static_cast<size_t>(nbuckets) + 1, 0);
+  // Each chunk of buckets codes into a buffer of its own; the chunks are then laid end to end.
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), numel / kMinElementsPerChunk));
+  ScratchBuffers code(static_cast<size_t>(chunks));
+  std::vector<uint64_t> chunk_bits(static_cast<size_t>(chunks), 0);
+  std::vector<uint64_t> offsets(static_cast<size_t>(nbuckets), 0);
   std::atomic<int> flags{0};
-  parallel_over_buckets(nbuckets, bucket_size, [&](int64_t b0, int64_t b1) {
-    flags.fetch_or(k.elias_lengths(job, b0, b1, offsets.data()), std::memory_order_relaxed);
+  auto first_bucket = [&](int64_t c) { return nbuckets * c / chunks; };
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      flags.fetch_or(k.elias_encode(job, first_bucket(c), first_bucket(c + 1), code[c],
+                                    offsets.data(), chunk_bits[c]),
+                     std::memory_order_relaxed);
+    }
   });
   TORCH_CHECK_VALUE(!(flags & kFlagInvalidField), op, ": packed holds a field equal to ",
                     (1 << bits) - 1, ", which no ", bits, "-bit level encodes");
-  uint64_t total = 0;
-  for (int64_t b = 0; b < nbuckets; ++b) {
-    const uint64_t len = offsets[b];
-    offsets[b] = total;
-    total += len;
+  std::vector<uint64_t> chunk_start(static_cast<size_t>(chunks) + 1, 0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    chunk_start[c + 1] = chunk_start[c] + chunk_bits[c];
+    for (int64_t b = first_bucket(c); b < first_bucket(c + 1); ++b) offsets[b] += chunk_start[c];
   }
-  offsets[nbuckets] = total;
+  const uint64_t total = chunk_start[chunks];
   TORCH_CHECK_VALUE(total <= elias::kMaxCodeBits, op, ": the code is ", total,
                     " bits, more than a stream's 2**32-1; encode the tensor in parts");
 
@@ -314,11 +365,10 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
   for (int64_t b = 0; b < nbuckets; ++b) {
     put_le<uint32_t>(s + offsets_at + 4 * b, static_cast<uint32_t>(offsets[b]));
   }
-  uint8_t* code = s + code_at;
-  std::memset(code, 0, static_cast<size_t>(length - code_at));
-  parallel_over_buckets(nbuckets, bucket_size, [&](int64_t b0, int64_t b1) {
-    k.elias_write(job, b0, b1, offsets.data(), code);
-  });
+  uint8_t* dst = s + code_at;
+  std::memset(dst, 0, static_cast<size_t>(length - code_at));
+  for (int64_t c = 0; c < chunks; ++c)
+    append_bits(dst, chunk_start[c], code[c].data(), chunk_bits[c]);
   return out;
 }
 
@@ -351,11 +401,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor
   const uint32_t bucket_size = get_le<uint32_t>(s + 12);
   const uint64_t numel = get_le<uint64_t>(s + 16);
   const uint64_t code_bits = get_le<uint64_t>(s + 24);
-  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, bad, "bucket_size ",
-                    bucket_size, " outside 1..2**31-1");
+  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, bad, "bucket_size ", bucket_size,
+                    " outside 1..2**31-1");
   TORCH_CHECK_VALUE(code_bits <= elias::kMaxCodeBits, bad, "code length ", code_bits,
                     " bits above the 2**32-1 limit");
-  TORCH_CHECK_VALUE(length >= static_cast<uint64_t>(elias::kHeaderBytes) + 8u * ndim, bad, "truncated shape");
+  TORCH_CHECK_VALUE(length >= static_cast<uint64_t>(elias::kHeaderBytes) + 8u * ndim, bad,
+                    "truncated shape");
   std::vector<int64_t> shape(static_cast<size_t>(ndim));
   uint64_t product = 1;
   for (int i = 0; i < ndim; ++i) {
@@ -366,8 +417,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor
                       bad, "shape does not match numel ", numel);
     product *= static_cast<uint64_t>(dim);
   }
-  TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ",
-                    numel);
+  TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ", numel);
   // numel now fits the shape of a real tensor; the table sizes below follow from it.
   const uint64_t nbuckets = (numel + bucket_size - 1) / bucket_size;
   const uint64_t shape_at = elias::kHeaderBytes + 8u * ndim;
@@ -396,10 +446,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor
 
   const int64_t n = static_cast<int64_t>(numel);
   at::Tensor packed = at::zeros({packed_bytes(n, bits)}, stream.options());
-  at::Tensor scales = at::empty({static_cast<int64_t>(nbuckets)}, stream.options().dtype(at::kFloat));
+  at::Tensor scales =
+      at::empty({static_cast<int64_t>(nbuckets)}, stream.options().dtype(at::kFloat));
   std::memcpy(scales.data_ptr<float>(), s + scales_at, 4 * nbuckets);
-  const EliasDecodeJob job{s + code_at, code_bytes,       code_bits, offsets.data(),
-                           n,           bucket_size,      bits,      packed.data_ptr<uint8_t>()};
+  const EliasDecodeJob job{s + code_at, code_bytes,  code_bits, offsets.data(),
+                           n,           bucket_size, bits,      packed.data_ptr<uint8_t>()};
   const KernelTable& k = kernels();
   std::atomic<int64_t> first_error{INT64_MAX};
   parallel_over_buckets(static_cast<int64_t>(nbuckets), bucket_size, [&](int64_t b0, int64_t b1) {

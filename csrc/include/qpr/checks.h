@@ -85,9 +85,8 @@ inline void check_quantized(const at::Tensor& packed, const at::Tensor& scales, 
   check_dtype(packed, at::kByte, op, "packed");
   check_dtype(scales, at::kFloat, op, "scales");
   TORCH_CHECK_VALUE(packed.dim() == 1 && packed.numel() == packed_bytes(numel, bits), op,
-                    ": packed must be a 1-D tensor of ", packed_bytes(numel, bits),
-                    " bytes for ", numel, " values of ", bits, " bits, got shape ",
-                    packed.sizes());
+                    ": packed must be a 1-D tensor of ", packed_bytes(numel, bits), " bytes for ",
+                    numel, " values of ", bits, " bits, got shape ", packed.sizes());
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == num_buckets(numel, bucket_size), op,
                     ": scales must be a 1-D tensor of ", num_buckets(numel, bucket_size),
                     " values (one per bucket), got shape ", scales.sizes());

@@ -1,5 +1,6 @@
 // The QSGD stochastic rounding of one value (Alistarh et al., "QSGD: Communication-Efficient SGD
-// via Gradient Quantization and Encoding", NeurIPS 2017), written once for the CPU and CUDA kernels.
+// via Gradient Quantization and Encoding", NeurIPS 2017), written once for the CPU and CUDA
+// kernels.
 //
 // With s = 2^(bits-1) - 1 and bucket scale c > 0: t = (|v| / c) * s (two IEEE-rounded float
 // operations, never fused), l = floor(t), and the level is l + 1 with probability t - l, else l;
@@ -20,6 +21,7 @@ struct QsgdLevels {
   static_assert(BITS >= 2 && BITS <= 8, "QSGD bit widths are 2..8");
   static constexpr int kS = (1 << (BITS - 1)) - 1;
   static constexpr int kInvalidField = (1 << BITS) - 1;
+  static constexpr int kLog2S = BITS - 2;  // floor(log2 s): the longest level code is 2*kLog2S+1
 };
 
 // Field (level + S, in [0, 2S]) of value v; c_div is the bucket scale, or 1 for an all-zero
