@@ -207,12 +207,13 @@ void dequantize_out_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in
   TORCH_CHECK_VALUE(!(flags & kFlagInvalidField), op, ": packed holds a field equal to ",
                     (1 << bits) - 1, ", which no ", bits, "-bit level encodes");
   TORCH_CHECK_VALUE(!(flags & kFlagOutputOverflow), op, ": a dequantized value overflows ",
-                    out.scalar_type(), " (largest scale ", scales.max().item<float>(),
+                    dtype_name(out.scalar_type()), " (largest scale ", scales.max().item<float>(),
                     "); dequantize to torch.float32 instead");
 }
 
 at::Tensor dequantize_cpu(const at::Tensor& packed, const at::Tensor& scales, at::IntArrayRef shape,
                           int64_t bits, int64_t bucket_size, at::ScalarType dtype) {
+  elem_code(dtype, "dequantize");  // names a wrong dtype as the argument the caller gave
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   dequantize_out_cpu(packed, scales, bucket_size, bits, out);
   return out;
@@ -229,7 +230,8 @@ int int_type_code(at::ScalarType dt, const char* op, const char* name) {
     case at::kLong:
       return kI64;
     default:
-      TORCH_CHECK_TYPE(false, op, ": ", name, " must be uint8, int16, int32 or int64, got ", dt);
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be uint8, int16, int32 or int64, got ",
+                       dtype_name(dt));
   }
 }
 
@@ -271,7 +273,8 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t field_bits, int6
                     packed_bytes(numel, field_bits), " bytes for ", numel, " fields of ",
                     field_bits, " bits, got shape ", packed_in.sizes());
   const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
-  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ", dtype);
+  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ",
+                    dtype_name(dtype));
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   const UnpackJob job{packed.data_ptr<uint8_t>(), static_cast<int>(field_bits), type,
@@ -413,9 +416,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor
     const int64_t dim = get_le<int64_t>(s + elias::kHeaderBytes + 8 * i);
     TORCH_CHECK_VALUE(dim >= 0, bad, "negative dimension ", dim);
     shape[i] = dim;
-    TORCH_CHECK_VALUE(dim == 0 || product <= numel / static_cast<uint64_t>(dim) || product == 0,
-                      bad, "shape does not match numel ", numel);
-    product *= static_cast<uint64_t>(dim);
+    TORCH_CHECK_VALUE(!__builtin_mul_overflow(product, static_cast<uint64_t>(dim), &product), bad,
+                      "shape overflows");
   }
   TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ", numel);
   // numel now fits the shape of a real tensor; the table sizes below follow from it.

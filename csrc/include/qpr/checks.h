@@ -11,17 +11,45 @@
 
 namespace qpr {
 
+// torch's Python name of a dtype, as users write it.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "torch.float32";
+    case at::kHalf:
+      return "torch.float16";
+    case at::kBFloat16:
+      return "torch.bfloat16";
+    case at::kDouble:
+      return "torch.float64";
+    case at::kByte:
+      return "torch.uint8";
+    case at::kChar:
+      return "torch.int8";
+    case at::kShort:
+      return "torch.int16";
+    case at::kInt:
+      return "torch.int32";
+    case at::kLong:
+      return "torch.int64";
+    case at::kBool:
+      return "torch.bool";
+    default:
+      return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_float_input(const at::Tensor& t, const char* op, const char* name) {
   const auto dt = t.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
-                   " must be float32, float16 or bfloat16, got ", dt,
+                   " must be float32, float16 or bfloat16, got ", dtype_name(dt),
                    " (float64 is not quantized: cast it, or leave it uncompressed)");
 }
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op,
                         const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", want, ", got ",
-                   t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", dtype_name(want),
+                   ", got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -51,7 +79,8 @@ inline int elem_code(at::ScalarType dt, const char* op) {
     case at::kBFloat16:
       return elias::kDtypeBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, op, ": dtype must be float32, float16 or bfloat16, got ", dt);
+      TORCH_CHECK_TYPE(false, op, ": dtype must be float32, float16 or bfloat16, got ",
+                       dtype_name(dt));
   }
 }
 
