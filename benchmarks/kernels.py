@@ -4,7 +4,10 @@ For every size (``--sizes``, log2 of the element count), bit width (``--bits``) 
 (``--threads``) it times, on Gaussian float32 input:
 
 * ``quantize``, ``dequantize``, ``elias_encode`` and ``elias_decode`` from ``hvd_qpr.ops``
-  (impl ``native``);
+  (impl ``native``); quantize, dequantize and elias_decode write into preallocated outputs
+  (``out=``), as the
+  copy does, since a fresh output costs page faults that dwarf the kernel (``x.clone()`` of
+  2**24 floats takes about 8 copies' time here);
 * the same four functions from ``hvd_qpr.reference`` (impl ``reference``). The reference Elias coder
   is pure Python and very slow, so it is timed only up to ``--reference-elias-max-log2``;
 * ``out.copy_(x)`` of the same input into a preallocated float32 tensor (op and impl ``copy``):
@@ -78,14 +81,15 @@ class Impl:
 
     name: str
     quantize: Callable[..., Any]
-    dequantize: Callable[[Any], torch.Tensor]
+    dequantize: Callable[..., torch.Tensor]
     elias_encode: Callable[[Any], Any]
     elias_decode: Callable[[Any], Any]
+    takes_out: bool = False  # quantize and dequantize accept preallocated outputs (out=)
 
 
-def impl_from_module(name: str, module: ModuleType) -> Impl:
+def impl_from_module(name: str, module: ModuleType, takes_out: bool = False) -> Impl:
     """Collects the four kernel functions of ``module``."""
-    return Impl(name, *(getattr(module, op) for op in OPS))
+    return Impl(name, *(getattr(module, op) for op in OPS), takes_out=takes_out)
 
 
 def machine_name(device: torch.device) -> str:
@@ -177,25 +181,38 @@ def bench_impl(
     """Median seconds of each kernel of ``impl`` (Elias coding only if ``with_elias``)."""
     n = len(inputs)
 
-    def quantize(call: int) -> Any:
+    def quantize(call: int, **out: Any) -> Any:
         return impl.quantize(
-            inputs[call % n], bits=bits, bucket_size=bucket_size, norm=NORM, seed=call
+            inputs[call % n], bits=bits, bucket_size=bucket_size, norm=NORM, seed=call, **out
         )
 
-    results = {"quantize": median_seconds(quantize, device, repeats)}
     quantized = [quantize(i) for i in range(n)]
-    results["dequantize"] = median_seconds(
-        lambda call: impl.dequantize(quantized[call % n]), device, repeats
-    )
+    if impl.takes_out:
+        q_out = quantize(0)
+        x_out = torch.empty_like(inputs[0])
+        results = {"quantize": median_seconds(lambda c: quantize(c, out=q_out), device, repeats)}
+        results["dequantize"] = median_seconds(
+            lambda call: impl.dequantize(quantized[call % n], out=x_out), device, repeats
+        )
+    else:
+        results = {"quantize": median_seconds(quantize, device, repeats)}
+        results["dequantize"] = median_seconds(
+            lambda call: impl.dequantize(quantized[call % n]), device, repeats
+        )
     if with_elias:
         results["elias_encode"] = median_seconds(
             lambda call: impl.elias_encode(quantized[call % n]), device, repeats
         )
         encoded = [impl.elias_encode(q) for q in quantized]
         synchronize(device)
-        results["elias_decode"] = median_seconds(
-            lambda call: impl.elias_decode(encoded[call % n]), device, repeats
-        )
+        if impl.takes_out:
+            results["elias_decode"] = median_seconds(
+                lambda call: impl.elias_decode(encoded[call % n], out=q_out), device, repeats
+            )
+        else:
+            results["elias_decode"] = median_seconds(
+                lambda call: impl.elias_decode(encoded[call % n]), device, repeats
+            )
     return results
 
 
@@ -336,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import hvd_qpr.ops
 
-    impls = [impl_from_module("native", hvd_qpr.ops)]
+    impls = [impl_from_module("native", hvd_qpr.ops, takes_out=True)]
     if not args.no_reference:
         import hvd_qpr.reference
 

@@ -22,6 +22,7 @@ TORCH_LIBRARY(hvd_qpr, m) {
       "elias_encode(Tensor packed, Tensor scales, int[] shape, int bits, int bucket_size, "
       "int norm, ScalarType dtype) -> Tensor");
   m.def("elias_decode(Tensor stream) -> (Tensor, Tensor, Tensor)");
+  m.def("elias_decode_out(Tensor stream, Tensor(a!) packed, Tensor(b!) scales) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

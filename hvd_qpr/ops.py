@@ -242,8 +242,13 @@ def elias_encode(q: QuantizedTensor) -> torch.Tensor:
     )
 
 
-def elias_decode(stream: torch.Tensor) -> QuantizedTensor:
+def elias_decode(stream: torch.Tensor, out: QuantizedTensor | None = None) -> QuantizedTensor:
     """Decodes a stream made by :func:`elias_encode`, checking every field and every read.
+
+    Args:
+        stream: the uint8 stream.
+        out: a QuantizedTensor of the stream's numel, bits and bucket_size whose packed and
+            scales buffers are overwritten and reused.
 
     Raises:
         TypeError: stream is not a uint8 tensor.
@@ -256,7 +261,13 @@ def elias_decode(stream: torch.Tensor) -> QuantizedTensor:
     """
     op = "elias_decode"
     _check_tensor(stream, op, "stream")
-    packed, scales, meta = torch.ops.hvd_qpr.elias_decode(stream)
+    if out is None:
+        packed, scales, meta = torch.ops.hvd_qpr.elias_decode(stream)
+    else:
+        if not isinstance(out, QuantizedTensor):
+            raise TypeError(f"{op}: out must be a QuantizedTensor, got {type(out).__name__}")
+        packed, scales = out.packed, out.scales
+        meta = torch.ops.hvd_qpr.elias_decode_out(stream, packed, scales)
     bits, bucket_size, norm, dtype, _ndim, *shape = meta.tolist()
     return QuantizedTensor(
         packed,
@@ -370,6 +381,10 @@ def _register_fakes() -> None:
     def _(packed, scales, shape, bits, bucket_size, norm, dtype):
         length = torch.library.get_ctx().new_dynamic_size()
         return packed.new_empty((length,), dtype=torch.uint8)
+
+    @torch.library.register_fake("hvd_qpr::elias_decode_out")
+    def _(stream, packed, scales):
+        return stream.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
     @torch.library.register_fake("hvd_qpr::elias_decode")
     def _(stream):

@@ -375,7 +375,17 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor& stream_in) {
+// A stream whose header, tables and padding have been checked; decode_stream checks the codes.
+struct ParsedStream {
+  at::Tensor stream;  // contiguous
+  int bits, norm, dtype_code;
+  int64_t bucket_size, numel, nbuckets;
+  std::vector<int64_t> shape;
+  uint64_t scales_at, code_at, code_bytes, code_bits;
+  std::vector<uint32_t> offsets;
+};
+
+ParsedStream parse_stream(const at::Tensor& stream_in) {
   constexpr const char* op = "elias_decode";
   check_cpu(stream_in, op, "stream");
   check_dtype(stream_in, at::kByte, op, "stream");
@@ -446,37 +456,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor
   TORCH_CHECK_VALUE(code_bits % 8 == 0 || (s[length - 1] >> (code_bits % 8)) == 0, bad,
                     "padding bits after the code are not zero");
 
-  const int64_t n = static_cast<int64_t>(numel);
-  at::Tensor packed = at::zeros({packed_bytes(n, bits)}, stream.options());
-  at::Tensor scales =
-      at::empty({static_cast<int64_t>(nbuckets)}, stream.options().dtype(at::kFloat));
-  std::memcpy(scales.data_ptr<float>(), s + scales_at, 4 * nbuckets);
-  const EliasDecodeJob job{s + code_at, code_bytes,  code_bits, offsets.data(),
-                           n,           bucket_size, bits,      packed.data_ptr<uint8_t>()};
+  return ParsedStream{stream,
+                      bits,
+                      norm,
+                      dtype_code,
+                      bucket_size,
+                      static_cast<int64_t>(numel),
+                      static_cast<int64_t>(nbuckets),
+                      std::move(shape),
+                      scales_at,
+                      code_at,
+                      code_bytes,
+                      code_bits,
+                      std::move(offsets)};
+}
+
+// Decodes the codes into packed and scales (sized for the stream by the caller); returns meta.
+at::Tensor decode_stream(const ParsedStream& ps, at::Tensor& packed, at::Tensor& scales) {
+  const uint8_t* s = ps.stream.data_ptr<uint8_t>();
+  std::memcpy(scales.data_ptr<float>(), s + ps.scales_at, 4 * ps.nbuckets);
+  const EliasDecodeJob job{
+      s + ps.code_at, ps.code_bytes,  ps.code_bits, ps.offsets.data(),
+      ps.numel,       ps.bucket_size, ps.bits,      packed.data_ptr<uint8_t>()};
   const KernelTable& k = kernels();
-  std::atomic<int64_t> first_error{INT64_MAX};
-  parallel_over_buckets(static_cast<int64_t>(nbuckets), bucket_size, [&](int64_t b0, int64_t b1) {
+  std::mutex mutex;
+  EliasError first;
+  parallel_over_buckets(ps.nbuckets, ps.bucket_size, [&](int64_t b0, int64_t b1) {
     const EliasError e = k.elias_decode(job, b0, b1);
     if (e.bucket < 0) return;
-    int64_t cur = first_error.load();
-    while (e.bucket < cur && !first_error.compare_exchange_weak(cur, e.bucket)) {
-    }
+    std::lock_guard<std::mutex> lock(mutex);
+    if (first.bucket < 0 || e.bucket < first.bucket) first = e;
   });
-  const int64_t failed = first_error.load();
-  if (failed != INT64_MAX) {
-    // Decode the failing bucket's unit again, alone, to name what is wrong with it.
-    const EliasError e = k.elias_decode(job, failed, failed + 1);
-    TORCH_CHECK_VALUE(false, bad, "bucket ", failed, ": ", e.what ? e.what : "corrupt codes");
-  }
-  at::Tensor meta = at::empty({5 + ndim}, stream.options().dtype(at::kLong));
+  TORCH_CHECK_VALUE(first.bucket < 0, "elias_decode: malformed stream: bucket ", first.bucket, ": ",
+                    first.what);
+  const int ndim = static_cast<int>(ps.shape.size());
+  at::Tensor meta = at::empty({5 + ndim}, ps.stream.options().dtype(at::kLong));
   int64_t* m = meta.data_ptr<int64_t>();
-  m[0] = bits;
-  m[1] = bucket_size;
-  m[2] = norm;
-  m[3] = dtype_code;
+  m[0] = ps.bits;
+  m[1] = ps.bucket_size;
+  m[2] = ps.norm;
+  m[3] = ps.dtype_code;
   m[4] = ndim;
-  for (int i = 0; i < ndim; ++i) m[5 + i] = shape[i];
+  for (int i = 0; i < ndim; ++i) m[5 + i] = ps.shape[i];
+  return meta;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor& stream) {
+  const ParsedStream ps = parse_stream(stream);
+  // Every byte of packed is written by the decoder, so it needs no zero fill.
+  at::Tensor packed = at::empty({packed_bytes(ps.numel, ps.bits)}, ps.stream.options());
+  at::Tensor scales = at::empty({ps.nbuckets}, ps.stream.options().dtype(at::kFloat));
+  at::Tensor meta = decode_stream(ps, packed, scales);
   return {packed, scales, meta};
+}
+
+at::Tensor elias_decode_out_cpu(const at::Tensor& stream, at::Tensor& packed, at::Tensor& scales) {
+  constexpr const char* op = "elias_decode";
+  const ParsedStream ps = parse_stream(stream);
+  check_cpu(packed, op, "packed");
+  check_cpu(scales, op, "scales");
+  check_quantized(packed, scales, ps.numel, ps.bits, ps.bucket_size, op);
+  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
+                    ": the output tensors must be contiguous");
+  return decode_stream(ps, packed, scales);
 }
 
 }  // namespace
@@ -518,4 +560,5 @@ TORCH_LIBRARY_IMPL(hvd_qpr, CPU, m) {
   m.impl("unpack_bits", &qpr::cpu::unpack_bits_cpu);
   m.impl("elias_encode", &qpr::cpu::elias_encode_cpu);
   m.impl("elias_decode", &qpr::cpu::elias_decode_cpu);
+  m.impl("elias_decode_out", &qpr::cpu::elias_decode_out_cpu);
 }

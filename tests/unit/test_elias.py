@@ -169,8 +169,9 @@ def test_random_corruptions_never_crash():
         elif kind == 2:  # truncate
             stream = stream[: int(torch.randint(0, stream.numel(), (1,), generator=g))]
         else:  # append random bytes
-            tail = torch.randint(0, 256, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g)
-            stream = torch.cat([stream, tail.to(torch.uint8)])
+            length = int(torch.randint(1, 9, (1,), generator=g))
+            tail = torch.randint(0, 256, (length,), generator=g, dtype=torch.uint8)
+            stream = torch.cat([stream, tail])
         try:
             q = ops.elias_decode(stream)
         except ValueError as e:

@@ -13,8 +13,9 @@ from tests.conftest import random_input
 
 
 def test_wrong_dtypes_and_types():
-    with pytest.raises(TypeError, match="quantize: x must be float32, float16 or bfloat16, got "
-                       "torch.float64"):
+    with pytest.raises(
+        TypeError, match="quantize: x must be float32, float16 or bfloat16, got torch.float64"
+    ):
         ops.quantize(torch.randn(10, dtype=torch.float64))
     with pytest.raises(TypeError, match="got torch.int32"):
         ops.quantize(torch.ones(10, dtype=torch.int32))
@@ -51,7 +52,8 @@ def test_nan_and_inf_are_named(dtype):
         bad[700] = value
         bad[900] = value
         for norm in ("max", "l2"):
-            with pytest.raises(ValueError, match=f"x contains {name} \\(first at flat index 700\\)"):
+            first = f"x contains {name} \\(first at flat index 700\\)"
+            with pytest.raises(ValueError, match=first):
                 ops.quantize(bad, 4, norm=norm)
             with pytest.raises(ValueError, match=f"x contains {name}"):
                 ref.quantize(bad, 4, norm=norm)

@@ -20,7 +20,8 @@ def test_quantize_and_dequantize(dtype):
     torch.library.opcheck(torch.ops.hvd_qpr.dequantize.default, args)
     out = torch.empty(5, 205, dtype=dtype)
     torch.library.opcheck(
-        torch.ops.hvd_qpr.dequantize_out.default, (q.packed, q.scales, 512, 4, out),
+        torch.ops.hvd_qpr.dequantize_out.default,
+        (q.packed, q.scales, 512, 4, out),
         test_utils=STATIC_TESTS,
     )
     torch.library.opcheck(
@@ -34,9 +35,7 @@ def test_pack_and_unpack():
     values = torch.randint(0, 2**11, (1001,), dtype=torch.int32)
     torch.library.opcheck(torch.ops.hvd_qpr.pack_bits.default, (values, 11))
     packed = ops.pack_bits(values, 11)
-    torch.library.opcheck(
-        torch.ops.hvd_qpr.unpack_bits.default, (packed, 11, 1001, torch.int32)
-    )
+    torch.library.opcheck(torch.ops.hvd_qpr.unpack_bits.default, (packed, 11, 1001, torch.int32))
 
 
 def test_elias():

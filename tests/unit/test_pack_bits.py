@@ -31,9 +31,7 @@ def test_matches_reference(kernel_set, n, dtype):
                 back = ops.unpack_bits(packed, bits, n, out_dtype)
                 assert back.dtype == out_dtype
                 assert torch.equal(back, values.to(out_dtype)), (bits, out_dtype)
-        assert torch.equal(
-            ops.unpack_bits(packed, bits, n), ref.unpack_bits(packed, bits, n)
-        )
+        assert torch.equal(ops.unpack_bits(packed, bits, n), ref.unpack_bits(packed, bits, n))
 
 
 def test_layout_is_lsb_first():

@@ -98,6 +98,10 @@ def test_out_buffers_are_reused():
     again = ops.quantize(x * 2, 4, seed=2, out=first)
     assert again.packed.data_ptr() == first.packed.data_ptr()
     assert again == ops.quantize(x * 2, 4, seed=2)
+    decoded = ops.elias_decode(ops.elias_encode(again), out=first)
+    assert decoded == again and decoded.packed.data_ptr() == first.packed.data_ptr()
+    with pytest.raises(ValueError, match="elias_decode: packed must be"):
+        ops.elias_decode(ops.elias_encode(ops.quantize(x[:10], 4)), out=first)
     out = torch.empty(5000)
     assert ops.dequantize(again, out=out) is out
     assert torch.equal(out, ops.dequantize(again))

@@ -48,8 +48,8 @@ inline void check_float_input(const at::Tensor& t, const char* op, const char* n
 
 inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op,
                         const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", dtype_name(want),
-                   ", got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_TYPE(t.scalar_type() == want, op, ": ", name, " must be ", dtype_name(want), ", got ",
+                   dtype_name(t.scalar_type()));
 }
 
 inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
