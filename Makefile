@@ -41,7 +41,8 @@ ifneq ($(CXX_SRC),)
 endif
 
 bench: install
-	$(PY) benchmarks/kernels.py --device cpu --json benchmarks/results/kernels_cpu.json
+	$(PY) benchmarks/kernels.py --device cpu --threads 1 2 --json benchmarks/results/kernels_cpu.json
+	$(PY) benchmarks/elias_sizes.py --json benchmarks/results/elias_sizes.json
 
 demo: install
 	$(PY) examples/demo.py

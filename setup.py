@@ -23,6 +23,10 @@ CXX_FLAGS = [
     "-fno-math-errno",
     "-fno-trapping-math",
     "-Wall",
+    # at::parallel_for is a header template that splits work with `#pragma omp parallel`: without
+    # OpenMP it runs serially. PyTorch's libgomp is loaded first, so the extension shares it (and
+    # torch.set_num_threads).
+    "-fopenmp",
 ]
 # No fused multiply-adds and IEEE division/sqrt, so the GPU rounds as the CPU does.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-prec-div=true", "-prec-sqrt=true"]
@@ -46,9 +50,14 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("QPR_WITH_CUDA", "1")],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=["-fopenmp"],
         )
     return CppExtension(
-        "hvd_qpr._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": CXX_FLAGS}
+        "hvd_qpr._C",
+        cpp,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
     )
 
 
