@@ -370,8 +370,9 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
   }
   uint8_t* dst = s + code_at;
   std::memset(dst, 0, static_cast<size_t>(length - code_at));
-  for (int64_t c = 0; c < chunks; ++c)
-    append_bits(dst, chunk_start[c], code[c].data(), chunk_bits[c]);
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (chunk_bits[c] > 0) append_bits(dst, chunk_start[c], code[c].data(), chunk_bits[c]);
+  }
   return out;
 }
 
