@@ -90,3 +90,10 @@ def test_inconsistent_quantized_tensor():
         ops.elias_encode(dataclasses.replace(q, bits=5))
     with pytest.raises(ValueError, match="norm must be one of"):
         ops.elias_encode(dataclasses.replace(q, norm="l3"))
+
+
+def test_unknown_kernel_set():
+    with pytest.raises(ValueError, match="unknown kernel set 'sse'; choose auto, avx512, avx2"):
+        with ops.kernel_set("sse"):
+            pass
+    assert ops.active_kernel_set() == ops.available_kernel_sets()[0]
