@@ -8,7 +8,7 @@ CLANG_FORMAT := $(VENV)/bin/clang-format
 
 # Sources to lint, those of them that exist.
 PY_SRC := $(wildcard hvd_qpr tests benchmarks examples setup.py)
-CXX_SRC := $(sort $(shell find csrc -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \
+CXX_SRC := $(sort $(shell find csrc tests/native -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \
 	-o -name '*.cuh' -o -name '*.inc' \) 2>/dev/null))
 
 .PHONY: install test lint format bench demo clean
