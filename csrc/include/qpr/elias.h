@@ -48,11 +48,10 @@ QPR_HD int floor_log2(uint32_t v) {
 #endif
 }
 
-QPR_HD int gamma_bits(uint32_t v) { return 2 * floor_log2(v) + 1; }
-
-// Bits one nonzero level costs: gamma(gap) + sign + gamma(|level|).
-QPR_HD int entry_bits(uint32_t gap, uint32_t magnitude) {
-  return gamma_bits(gap) + 1 + gamma_bits(magnitude);
+// The gamma code of v >= 1 with l = floor_log2(v), as the low 2l + 1 bits of the result (the
+// first bit of the code in bit 0): l zeros, a one, then v's low l bits.
+QPR_HD uint64_t gamma_code(uint32_t v, int l) {
+  return (1u | (static_cast<uint64_t>(v ^ (1u << l)) << 1)) << l;
 }
 
 }  // namespace elias

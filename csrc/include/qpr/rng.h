@@ -54,11 +54,6 @@ QPR_HD uint32_t rng_draw(uint32_t stream_key, uint32_t lo) {
   return x;
 }
 
-// Uniform 32-bit draw for flat element index (hi << 32 | lo).
-QPR_HD uint32_t rng_u32(RngKey key, uint32_t lo, uint32_t hi) {
-  return rng_draw(rng_stream_key(key, hi), lo);
-}
-
 // The top 24 bits as a float in [0, 1): exact, so CPU and GPU compare the same number.
 QPR_HD float rng_unit_float(uint32_t h) {
   return static_cast<float>(static_cast<int32_t>(h >> 8)) * 5.9604644775390625e-08f;  // 2^-24
