@@ -11,6 +11,9 @@ TORCH_LIBRARY(hvd_qpr, m) {
       "quantize_out(Tensor x, int bits, int bucket_size, int norm, int seed, Tensor(a!) packed, "
       "Tensor(b!) scales) -> ()");
   m.def(
+      "quantize_scaled_out(Tensor x, Tensor scales, int bits, int bucket_size, int seed, "
+      "Tensor(a!) packed) -> ()");
+  m.def(
       "dequantize_out(Tensor packed, Tensor scales, int bucket_size, int bits, Tensor(a!) out) "
       "-> ()");
   m.def(

@@ -135,6 +135,7 @@ def quantize(
     norm: str = "max",
     seed: int = 0,
     out: QuantizedTensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """QSGD-quantizes ``x`` bucket by bucket with unbiased stochastic rounding.
 
@@ -146,13 +147,18 @@ def quantize(
         seed: in [0, 2**64); draws depend on (seed, flat index) only.
         out: a QuantizedTensor of the same numel, bits and bucket_size whose packed and scales
             buffers are overwritten and reused (saves allocating fresh memory every call).
+        scales: float32 scales, one per bucket, to quantize against instead of computing them
+            (the scale all workers agreed on for a packed sum); each must be at least the
+            largest magnitude in its bucket. ``norm`` then only records what they are. The
+            result's scales are this tensor (out's packed buffer is still reused).
 
     Returns:
         The QuantizedTensor (sharing out's buffers when out is given).
 
     Raises:
         TypeError: x is not a tensor of a supported dtype.
-        ValueError: bad bits, bucket_size or norm, NaN or Inf in x, or an l2 norm that overflows.
+        ValueError: bad bits, bucket_size or norm, NaN or Inf in x, an l2 norm that overflows,
+            or given scales that are negative, non-finite or below a bucket's maximum.
 
     Example:
         >>> q = quantize(torch.randn(10_000), bits=4, norm="l2", seed=7)
@@ -168,11 +174,19 @@ def quantize(
         norm_code(norm, op),
         seed_to_int64(seed, op),
     )
-    if out is None:
+    if out is not None and not isinstance(out, QuantizedTensor):
+        raise TypeError(f"{op}: out must be a QuantizedTensor, got {type(out).__name__}")
+    if scales is not None:
+        _check_tensor(scales, op, "scales")
+        if out is None:
+            packed = x.new_empty(((x.numel() * bits + 7) // 8,), dtype=torch.uint8)
+        else:
+            packed = out.packed
+        x_arg, bits_arg, bucket_arg, _, seed_arg = args
+        torch.ops.hvd_qpr.quantize_scaled_out(x_arg, scales, bits_arg, bucket_arg, seed_arg, packed)
+    elif out is None:
         packed, scales = torch.ops.hvd_qpr.quantize(*args)
     else:
-        if not isinstance(out, QuantizedTensor):
-            raise TypeError(f"{op}: out must be a QuantizedTensor, got {type(out).__name__}")
         packed, scales = out.packed, out.scales
         torch.ops.hvd_qpr.quantize_out(*args, packed, scales)
     return QuantizedTensor(packed, scales, x.numel(), x.shape, x.dtype, bits, bucket_size, norm)
@@ -359,6 +373,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("hvd_qpr::quantize_out")
     def _(x, bits, bucket_size, norm, seed, packed, scales):
+        return None
+
+    @torch.library.register_fake("hvd_qpr::quantize_scaled_out")
+    def _(x, scales, bits, bucket_size, seed, packed):
         return None
 
     @torch.library.register_fake("hvd_qpr::dequantize_out")

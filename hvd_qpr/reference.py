@@ -126,7 +126,12 @@ def l2_scales(buckets: torch.Tensor) -> torch.Tensor:
 
 
 def quantize(
-    x: torch.Tensor, bits: int = 4, bucket_size: int = 512, norm: str = "max", seed: int = 0
+    x: torch.Tensor,
+    bits: int = 4,
+    bucket_size: int = 512,
+    norm: str = "max",
+    seed: int = 0,
+    scales: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Reference of :func:`hvd_qpr.ops.quantize` (QSGD, Alistarh et al., NeurIPS 2017)."""
     if x.dtype not in _DTYPE_CODES:
@@ -143,7 +148,14 @@ def quantize(
     n = flat.numel()
     nb = -(-n // bucket_size)
     buckets = torch.cat([flat, flat.new_zeros(nb * bucket_size - n)]).view(nb, bucket_size)
-    if norm == "max":
+    if scales is not None:
+        if not (torch.isfinite(scales).all() and (scales >= 0).all()):
+            raise ValueError("quantize: given scales must be finite and non-negative")
+        peak = buckets.abs().amax(dim=1) if n else flat.new_zeros(0)
+        if (peak > scales).any():
+            b = int((peak > scales).nonzero()[0, 0])
+            raise ValueError(f"quantize: bucket {b} holds a value of magnitude above its given scale")
+    elif norm == "max":
         scales = buckets.abs().amax(dim=1) if n else flat.new_zeros(0)
     else:
         scales = l2_scales(buckets)

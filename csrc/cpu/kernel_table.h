@@ -22,8 +22,13 @@ enum Flag : int {
   kFlagNonFinite = 1,      // NaN or Inf in the input (ops_cpu.cpp finds which and where)
   kFlagScaleOverflow = 2,  // a bucket's l2 norm is not representable in float32
   kFlagInvalidField = 4,   // a packed field outside the valid range
-  kFlagOutputOverflow = 8  // a dequantized value overflows the output dtype
+  kFlagOutputOverflow = 8,  // a dequantized value overflows the output dtype
+  kFlagScaleTooSmall = 16   // a value's magnitude exceeds its bucket's given scale
 };
+
+// QuantizeJob::norm beyond the Elias norm codes: scales are read from QuantizeJob::scales (agreed
+// across workers beforehand) instead of computed.
+constexpr int kNormGiven = 2;
 
 struct QuantizeJob {
   const void* x;
@@ -34,7 +39,7 @@ struct QuantizeJob {
   int norm;
   RngKey key;
   uint8_t* packed;
-  float* scales;
+  float* scales;  // written, or read when norm == kNormGiven
 };
 
 struct DequantizeJob {

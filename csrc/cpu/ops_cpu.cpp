@@ -138,20 +138,17 @@ void check_scales(const at::Tensor& scales, const char* op) {
   __builtin_unreachable();
 }
 
-void quantize_out_cpu(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int64_t norm,
-                      int64_t seed, at::Tensor& packed, at::Tensor& scales) {
-  constexpr const char* op = "quantize";
+// Runs the quantize kernel; norm is an Elias norm code or kNormGiven (scales are then read).
+void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int64_t norm,
+                  int64_t seed, at::Tensor& packed, at::Tensor& scales, const char* op) {
   check_cpu(x_in, op, "x");
   check_float_input(x_in, op, "x");
-  check_bits(bits, op);
-  check_bucket_size(bucket_size, op);
-  check_norm(norm, op);
   const int64_t numel = x_in.numel();
   check_cpu(packed, op, "packed");
   check_cpu(scales, op, "scales");
   check_quantized(packed, scales, numel, bits, bucket_size, op);
   TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
-                    ": the output tensors must be contiguous");
+                    ": packed and scales must be contiguous");
   const at::Tensor x = x_in.contiguous();
   const QuantizeJob job{x.data_ptr(),
                         elem_code(x.scalar_type(), op),
@@ -170,6 +167,33 @@ void quantize_out_cpu(const at::Tensor& x_in, int64_t bits, int64_t bucket_size,
   if (flags & kFlagNonFinite) raise_nonfinite(x, op);
   TORCH_CHECK_VALUE(!(flags & kFlagScaleOverflow), op,
                     ": the l2 norm of a bucket overflows float32; use norm='max'");
+  if (flags & kFlagScaleTooSmall) {
+    const at::Tensor pad = at::zeros({scales.numel() * bucket_size - numel}, x.options());
+    const at::Tensor peak =
+        std::get<0>(at::cat({x.reshape({-1}), pad}).view({-1, bucket_size}).abs().max(1));
+    const int64_t b = (peak.to(at::kFloat) > scales).nonzero().index({0, 0}).item<int64_t>();
+    TORCH_CHECK_VALUE(false, op, ": bucket ", b, " holds a value of magnitude ",
+                      peak.index({b}).item<double>(), " above its given scale ",
+                      scales.index({b}).item<double>(),
+                      "; a shared scale must be at least every worker's own bucket maximum");
+  }
+}
+
+void quantize_out_cpu(const at::Tensor& x, int64_t bits, int64_t bucket_size, int64_t norm,
+                      int64_t seed, at::Tensor& packed, at::Tensor& scales) {
+  check_norm(norm, "quantize");
+  run_quantize(x, bits, bucket_size, norm, seed, packed, scales, "quantize");
+}
+
+void quantize_scaled_out_cpu(const at::Tensor& x, const at::Tensor& scales_in, int64_t bits,
+                             int64_t bucket_size, int64_t seed, at::Tensor& packed) {
+  constexpr const char* op = "quantize";
+  check_cpu(scales_in, op, "scales");
+  check_dtype(scales_in, at::kFloat, op, "scales");
+  TORCH_CHECK_VALUE(at::isfinite(scales_in).all().item<bool>() && !(scales_in < 0).any().item<bool>(),
+                    op, ": given scales must be finite and non-negative");
+  at::Tensor scales = scales_in.contiguous();
+  run_quantize(x, bits, bucket_size, kNormGiven, seed, packed, scales, op);
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits,
@@ -555,6 +579,7 @@ void force_kernel_set(const std::string& name) {
 TORCH_LIBRARY_IMPL(hvd_qpr, CPU, m) {
   m.impl("quantize", &qpr::cpu::quantize_cpu);
   m.impl("quantize_out", &qpr::cpu::quantize_out_cpu);
+  m.impl("quantize_scaled_out", &qpr::cpu::quantize_scaled_out_cpu);
   m.impl("dequantize", &qpr::cpu::dequantize_cpu);
   m.impl("dequantize_out", &qpr::cpu::dequantize_out_cpu);
   m.impl("pack_bits", &qpr::cpu::pack_bits_cpu);

@@ -29,6 +29,11 @@ def test_quantize_and_dequantize(dtype):
         (x, 4, 512, 0, 3, q.packed.clone(), q.scales.clone()),
         test_utils=STATIC_TESTS,
     )
+    torch.library.opcheck(
+        torch.ops.hvd_qpr.quantize_scaled_out.default,
+        (x, q.scales * 2, 4, 512, 3, q.packed.clone()),
+        test_utils=STATIC_TESTS,
+    )
 
 
 def test_pack_and_unpack():

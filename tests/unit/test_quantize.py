@@ -165,3 +165,40 @@ def test_qsgd_variance_and_sparsity_bounds(bits):
     bound = min(d / s**2, math.sqrt(d) / s) * buckets.square().sum(1)
     assert (torch.stack(errors).mean(0) <= bound).all()
     assert (torch.stack(nonzeros).mean(0) <= s * (s + math.sqrt(d))).all()
+
+
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_given_scales_match_reference(kernel_set, n, dtype):
+    x = random_input(n, dtype, seed=n + 1)
+    for bits in range(2, 9):
+        for bucket_size in (512, 511, 6):
+            nb = -(-n // bucket_size)
+            own = ref.quantize(x, bits, bucket_size, "max", 0).scales
+            # a scale agreed across workers: at least this worker's own bucket maximum
+            shared = own * (1 + torch.rand(nb, generator=torch.Generator().manual_seed(bits)))
+            seed = 77 * bits + bucket_size
+            q = ops.quantize(x, bits, bucket_size, "max", seed, scales=shared)
+            expected = ref.quantize(x, bits, bucket_size, "max", seed, scales=shared)
+            assert q == expected, (bits, bucket_size)
+            assert q.scales is shared
+            out = ops.quantize(x, bits, bucket_size, "max", seed + 1)
+            q2 = ops.quantize(x, bits, bucket_size, "max", seed, out=out, scales=shared)
+            assert q2 == expected and q2.packed is out.packed
+
+
+def test_given_scales_are_checked():
+    x = random_input(1000, seed=5)
+    own = ops.quantize(x, 4, 100).scales
+    with pytest.raises(ValueError, match="bucket 3 holds a value of magnitude .* above its given"):
+        low = own.clone()
+        low[3] *= 0.5
+        ops.quantize(x, 4, 100, scales=low)
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        ops.quantize(x, 4, 100, scales=torch.full_like(own, float("nan")))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        ops.quantize(x, 4, 100, scales=-own)
+    with pytest.raises(ValueError, match="scales must be a 1-D tensor of 10 values"):
+        ops.quantize(x, 4, 100, scales=own[:9])
+    with pytest.raises(TypeError, match="scales"):
+        ops.quantize(x, 4, 100, scales=own.double())
