@@ -1,5 +1,5 @@
 """The main job: a short data-parallel training on the CPU under horovodrun (2 workers, Gloo),
-printing accuracy and the bytes the gradients cost, fp32 against hvd_qpr's compressed payloads.
+plain Horovod against hvd_qpr QPR-SGD: wall time, wire bytes per worker, test accuracy.
 
 Example::
 
@@ -32,7 +32,7 @@ def main() -> int:
         "-H",
         f"localhost:{workers}",
         sys.executable,
-        str(HERE / "digits_worker.py"),
+        str(HERE / "demo_worker.py"),
         *sys.argv[1:],
     ]
     print("$ " + " ".join(cmd), flush=True)

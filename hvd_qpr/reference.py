@@ -154,7 +154,9 @@ def quantize(
         peak = buckets.abs().amax(dim=1) if n else flat.new_zeros(0)
         if (peak > scales).any():
             b = int((peak > scales).nonzero()[0, 0])
-            raise ValueError(f"quantize: bucket {b} holds a value of magnitude above its given scale")
+            raise ValueError(
+                f"quantize: bucket {b} holds a value of magnitude above its given scale"
+            )
     elif norm == "max":
         scales = buckets.abs().amax(dim=1) if n else flat.new_zeros(0)
     else:

@@ -19,9 +19,9 @@ enum IntType : int { kU8 = 0, kI16 = 1, kI32 = 2, kI64 = 3 };
 
 // Flags a kernel returns; ops_cpu.cpp turns them into Python errors.
 enum Flag : int {
-  kFlagNonFinite = 1,      // NaN or Inf in the input (ops_cpu.cpp finds which and where)
-  kFlagScaleOverflow = 2,  // a bucket's l2 norm is not representable in float32
-  kFlagInvalidField = 4,   // a packed field outside the valid range
+  kFlagNonFinite = 1,       // NaN or Inf in the input (ops_cpu.cpp finds which and where)
+  kFlagScaleOverflow = 2,   // a bucket's l2 norm is not representable in float32
+  kFlagInvalidField = 4,    // a packed field outside the valid range
   kFlagOutputOverflow = 8,  // a dequantized value overflows the output dtype
   kFlagScaleTooSmall = 16   // a value's magnitude exceeds its bucket's given scale
 };

@@ -190,8 +190,9 @@ void quantize_scaled_out_cpu(const at::Tensor& x, const at::Tensor& scales_in, i
   constexpr const char* op = "quantize";
   check_cpu(scales_in, op, "scales");
   check_dtype(scales_in, at::kFloat, op, "scales");
-  TORCH_CHECK_VALUE(at::isfinite(scales_in).all().item<bool>() && !(scales_in < 0).any().item<bool>(),
-                    op, ": given scales must be finite and non-negative");
+  TORCH_CHECK_VALUE(
+      at::isfinite(scales_in).all().item<bool>() && !(scales_in < 0).any().item<bool>(), op,
+      ": given scales must be finite and non-negative");
   at::Tensor scales = scales_in.contiguous();
   run_quantize(x, bits, bucket_size, kNormGiven, seed, packed, scales, op);
 }

@@ -1,0 +1,482 @@
+"""How compressed tensors are aggregated through Horovod's collectives, and what that costs.
+
+Aggregations (DESIGN.md 2.3), each a generator that launches asynchronous Horovod collectives,
+yields, and on the next ``next()`` waits for them, so :func:`run_pipelines` can launch every
+bucket's collectives before waiting for any (Horovod then fuses them):
+
+* ``allreduce``: a sum-compatible payload (no compression, fp16, bf16) all-reduced as is.
+* ``packed-sum``: all workers agree on one scale per bucket (``allreduce(Max)``), quantize to
+  integer fields ``0..2s`` and pack ``63 // w`` fields of ``w = bit_length(2sM)`` bits in each
+  int64 word, so Horovod's ring ``allreduce(Sum)`` sums M workers' fields without carries.
+* ``scatter-gather``: ``alltoall`` of packed chunks, each worker decodes and averages its chunk,
+  requantizes it once and ``allgather`` s it.
+* ``allgather``: every worker's (possibly variable-length) payload gathered and decoded by all.
+
+:class:`Comm` counts bytes as DESIGN.md 2.3 defines them: *payload* (what this worker hands to
+Horovod) and *wire* (what it sends under the collective's algorithm: ring all-reduce
+``2(M-1)/M`` of the payload, ring allgather ``(M-1)/M`` of the gathered total, alltoall the bytes
+addressed to other ranks). :func:`choose_aggregation` is the cost model behind ``"auto"``.
+
+Example:
+    >>> comm = Comm(hvd.global_process_set)
+    >>> mean = run_pipelines([aggregate("packed-sum", x, qsgd, comm, "b0", seed=1)])[0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Generator, Iterable, Sequence
+
+import horovod.torch as hvd
+import torch
+
+from hvd_qpr.compression.base import Compressor, Segments
+from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
+
+AGGREGATIONS = ("allreduce", "packed-sum", "scatter-gather", "allgather")
+# scatter-gather quantizes twice, and requantizing the average adds about as much variance as all
+# M first quantizations together (each contributes 1/M of its own to the mean). Its estimated time
+# counts double when choosing, so one quantization wins unless it costs twice the time.
+SECOND_QUANTIZATION_PENALTY = 2.0
+_WORD_BITS = 63  # fields per int64 word stay below the sign bit, so sums never overflow
+
+Pipeline = Generator[None, None, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A network link per worker, for the cost model.
+
+    Attributes:
+        bandwidth: bytes per second each worker can send (default 1 Gbit/s).
+        latency: seconds per message step of a collective (default 100 microseconds).
+    """
+
+    bandwidth: float = 125e6
+    latency: float = 100e-6
+
+    def __post_init__(self) -> None:
+        if not (self.bandwidth > 0 and self.latency >= 0):
+            raise ValueError(f"Link: bandwidth must be > 0 and latency >= 0, got {self}")
+
+
+@dataclasses.dataclass
+class CommStats:
+    """Cumulative counts of what this worker sent (DESIGN.md 2.3)."""
+
+    payload_bytes: int = 0
+    wire_bytes: float = 0.0
+    collectives: int = 0
+    wait_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    def reset(self) -> None:
+        self.payload_bytes, self.wire_bytes, self.collectives, self.wait_seconds = 0, 0.0, 0, 0.0
+
+
+def ring_allreduce_wire_bytes(nbytes: float, world_size: int) -> float:
+    """Bytes one worker sends in a ring all-reduce of nbytes: 2(M-1)/M of them. Also the count
+    for a plain-Horovod baseline (what ``hvd.DistributedOptimizer`` all-reduces).
+
+    Example:
+        >>> ring_allreduce_wire_bytes(1000, 4)
+        1500.0
+    """
+    return 2 * (world_size - 1) / world_size * nbytes
+
+
+class Comm:
+    """Horovod's asynchronous collectives on one process set, counting bytes and waiting time."""
+
+    def __init__(self, process_set: hvd.ProcessSet, stats: CommStats | None = None) -> None:
+        self.process_set = process_set
+        self.stats = stats if stats is not None else CommStats()
+
+    @property
+    def size(self) -> int:
+        return self.process_set.size()
+
+    @property
+    def rank(self) -> int:
+        return self.process_set.rank()
+
+    def _count(self, payload: int, wire: float) -> None:
+        self.stats.payload_bytes += payload
+        self.stats.wire_bytes += wire
+        self.stats.collectives += 1
+
+    def allreduce_(
+        self,
+        tensor: torch.Tensor,
+        name: str,
+        op: object = hvd.Sum,
+        prescale_factor: float = 1.0,
+        postscale_factor: float = 1.0,
+    ) -> tuple[str, int]:
+        """In-place asynchronous all-reduce (ring: 2(M-1)/M of the payload on the wire)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        self._count(nbytes, ring_allreduce_wire_bytes(nbytes, self.size))
+        handle = hvd.allreduce_async_(
+            tensor,
+            name=name,
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+            process_set=self.process_set,
+        )
+        return ("allreduce", handle)
+
+    def allgather(self, tensor: torch.Tensor, name: str) -> tuple[str, int]:
+        """Asynchronous allgather; wire bytes are counted when the gathered size is known."""
+        self._count(tensor.numel() * tensor.element_size(), 0.0)
+        return ("allgather", hvd.allgather_async(tensor, name=name, process_set=self.process_set))
+
+    def alltoall(self, tensor: torch.Tensor, splits: Sequence[int], name: str) -> tuple[str, int]:
+        """Asynchronous alltoall; the wire carries what is addressed to the other ranks."""
+        elem = tensor.element_size()
+        total = tensor.numel() * elem
+        self._count(total, total - splits[self.rank] * elem)
+        handle = hvd.alltoall_async(
+            tensor,
+            splits=torch.tensor(list(splits), dtype=torch.int32),
+            name=name,
+            process_set=self.process_set,
+        )
+        return ("alltoall", handle)
+
+    def wait(self, pending: tuple[str, int]) -> object:
+        kind, handle = pending
+        start = time.perf_counter()
+        out = hvd.synchronize(handle)
+        self.stats.wait_seconds += time.perf_counter() - start
+        if kind == "allgather":
+            m = self.size
+            self.stats.wire_bytes += (m - 1) / m * out.numel() * out.element_size()
+        return out
+
+
+def run_pipelines(pipelines: Iterable[Pipeline]) -> list[torch.Tensor]:
+    """Advances every pipeline one phase at a time (all launch before any waits); their results."""
+    active = list(pipelines)
+    results: list[torch.Tensor | None] = [None] * len(active)
+    pending = list(range(len(active)))
+    while pending:
+        still = []
+        for i in pending:
+            try:
+                next(active[i])
+                still.append(i)
+            except StopIteration as done:
+                results[i] = done.value
+        pending = still
+    return results  # type: ignore[return-value]
+
+
+def finish(pipeline: Pipeline) -> torch.Tensor:
+    """Runs one pipeline to its end."""
+    return run_pipelines([pipeline])[0]
+
+
+# ---- payload helpers ----------------------------------------------------------------------------
+
+
+def field_width(levels_max: int, world_size: int) -> int:
+    """Bits a packed-sum field needs so M fields of 0..2s sum without carrying: bit_length(2sM)."""
+    return (2 * levels_max * world_size).bit_length()
+
+
+def pack_words(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """Non-negative int64 fields of width bits, 63 // width to a word, lowest field lowest."""
+    per_word = _WORD_BITS // width
+    n = fields.numel()
+    padded = torch.cat([fields, fields.new_zeros(-n % per_word)]).view(-1, per_word)
+    shifts = torch.arange(0, per_word * width, width, dtype=torch.int64)
+    return (padded << shifts).sum(dim=1)
+
+
+def unpack_words(words: torch.Tensor, width: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_words`: the first numel fields."""
+    per_word = _WORD_BITS // width
+    shifts = torch.arange(0, per_word * width, width, dtype=torch.int64)
+    return ((words[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
+
+
+def chunk_bounds(numel: int, parts: int, alignment: int) -> list[tuple[int, int]]:
+    """numel values split into parts contiguous chunks of whole alignment-sized blocks."""
+    blocks = -(-numel // alignment)
+    edges = [min(numel, (blocks * j // parts) * alignment) for j in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+# Every payload of scatter-gather and allgather travels in a frame: a kind byte and its length
+# (u64), so gathered payloads can be told apart. A chunk holding NaN or Inf cannot be quantized,
+# yet non-finite gradients must reach every worker as they do through Horovod (mixed-precision
+# loss scaling looks for them): such a chunk travels raw (float32), and sums propagate it.
+_FRAME_HEADER = 9
+_KIND_CODED = 0
+_KIND_RAW = 1
+
+
+def _frame(kind: int, body: torch.Tensor) -> torch.Tensor:
+    length = torch.tensor([body.numel()], dtype=torch.int64).view(torch.uint8)
+    return torch.cat([torch.tensor([kind], dtype=torch.uint8), length, body])
+
+
+def _encode(compressor: Compressor, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """x as one frame: the compressor's payload, or raw float32 when x is not all finite."""
+    if x.numel() == 0:
+        return _frame(_KIND_CODED, torch.zeros(0, dtype=torch.uint8))
+    if not bool(torch.isfinite(x).all()):
+        return _frame(_KIND_RAW, x.to(torch.float32).contiguous().view(torch.uint8))
+    return _frame(_KIND_CODED, compressor.encode(x, seed))
+
+
+def _frames(buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Splits count consecutive frames."""
+    frames, offset = [], 0
+    for _ in range(count):
+        if offset + _FRAME_HEADER > buffer.numel():
+            raise ValueError("hvd_qpr: received payloads are truncated")
+        length = int(buffer[offset + 1 : offset + _FRAME_HEADER].clone().view(torch.int64))
+        frames.append(buffer[offset : offset + _FRAME_HEADER + length])
+        offset += _FRAME_HEADER + length
+    if offset != buffer.numel():
+        raise ValueError("hvd_qpr: received payloads do not add up to what arrived")
+    return frames
+
+
+def _decode(compressor: Compressor, frame: torch.Tensor, numel: int) -> torch.Tensor:
+    """A frame back to numel float32 values."""
+    kind, body = int(frame[0]), frame[_FRAME_HEADER:]
+    if numel == 0:
+        return torch.zeros(0)
+    if kind == _KIND_RAW:
+        if body.numel() != 4 * numel:
+            raise ValueError(f"hvd_qpr: a raw payload of {body.numel()} bytes for {numel} values")
+        return body.clone().view(torch.float32)
+    if kind != _KIND_CODED:
+        raise ValueError(f"hvd_qpr: unknown payload kind {kind}")
+    return compressor.decode(body, numel)
+
+
+def _is_raw(frame: torch.Tensor) -> bool:
+    return int(frame[0]) == _KIND_RAW
+
+
+# ---- aggregations -------------------------------------------------------------------------------
+
+
+def allreduce_dense(
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    op: object = hvd.Average,
+    prescale_factor: float = 1.0,
+    postscale_factor: float = 1.0,
+) -> Pipeline:
+    """All-reduce of a sum-compatible payload, Horovod's way (same op and scale factors)."""
+    corrected = x
+    if compressor.needs_residual:
+        corrected = compressor.add_residual(x, segments).view_as(x).to(x.dtype)
+    payload, ctx = compressor.compress(corrected)
+    if compressor.needs_residual:
+        compressor.store_residual(corrected, compressor.decompress(payload.clone(), ctx), segments)
+    pending = comm.allreduce_(payload, name, op, prescale_factor, postscale_factor)
+    yield
+    return compressor.decompress(comm.wait(pending), ctx)
+
+
+def packed_sum(
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    seed: int,
+    average: bool = True,
+) -> Pipeline:
+    """Shared scales, integer fields with headroom, one ring all-reduce of int64 words."""
+    m = comm.size
+    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    scales = compressor.bucket_scales(x)
+    finite = bool(torch.isfinite(scales).all())
+    # the last element tells everyone whether some worker holds NaN or Inf
+    flagged = torch.cat([scales if finite else torch.zeros_like(scales), scales.new_ones(1)])
+    flagged[-1] = 0.0 if finite else 1.0
+    pending = comm.allreduce_(flagged, f"{name}.scales", op=hvd.Max)
+    yield
+    reduced = comm.wait(pending)
+    if reduced[-1] > 0:  # NaN or Inf somewhere: this round sums raw values, as Horovod would
+        raw = x.reshape(-1).to(torch.float32, copy=True)
+        pending = comm.allreduce_(raw, f"{name}.raw", op=hvd.Sum)
+        yield
+        total = comm.wait(pending)
+        return total / m if average else total
+    shared = reduced[:-1]
+    fields = compressor.quantize_fields(x, shared, derive_seed(seed, PHASE_SEND))
+    if compressor.needs_residual:
+        own = compressor.dequantize_field_sum(fields, 1, shared)
+        compressor.store_residual(x, own, segments)
+    width = field_width(compressor.levels_max, m)
+    pending = comm.allreduce_(pack_words(fields, width), f"{name}.fields", op=hvd.Sum)
+    yield
+    total = unpack_words(comm.wait(pending), width, x.numel())
+    out = compressor.dequantize_field_sum(total, m, shared)
+    return out / m if average else out
+
+
+def scatter_gather(
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    seed: int,
+    average: bool = True,
+) -> Pipeline:
+    """alltoall of compressed chunks, a reduction per chunk owner, one requantization, allgather."""
+    m, rank = comm.size, comm.rank
+    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    flat = x.reshape(-1)
+    bounds = chunk_bounds(flat.numel(), m, getattr(compressor, "bucket_size", 1))
+    frames = [
+        _encode(compressor, flat[a:b], derive_seed(seed, PHASE_SEND, j))
+        for j, (a, b) in enumerate(bounds)
+    ]
+    if compressor.needs_residual and not any(_is_raw(f) for f in frames):
+        sent = [_decode(compressor, f, b - a) for f, (a, b) in zip(frames, bounds, strict=True)]
+        compressor.store_residual(flat, torch.cat(sent), segments)
+    splits = [f.numel() for f in frames]
+    pending = comm.alltoall(torch.cat(frames), splits, f"{name}.scatter")
+    yield
+    received = comm.wait(pending)
+    data, received_splits = received if isinstance(received, tuple) else (received, None)
+    sizes = received_splits.tolist() if received_splits is not None else [splits[rank]] * m
+    a, b = bounds[rank]
+    total = torch.zeros(b - a)
+    for part in data.split(sizes):
+        total += _decode(compressor, part, b - a)
+    reduced = total / m if average else total
+    mine = _encode(compressor, reduced, derive_seed(seed, PHASE_REQUANTIZE, rank))
+    pending = comm.allgather(mine, f"{name}.gather")
+    yield
+    parts = _frames(comm.wait(pending), m)
+    decoded = [_decode(compressor, f, hi - lo) for f, (lo, hi) in zip(parts, bounds, strict=True)]
+    return torch.cat(decoded)
+
+
+def allgather(
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    seed: int,
+    average: bool = True,
+) -> Pipeline:
+    """Every worker's payload gathered and decoded by everyone, summed in rank order."""
+    m = comm.size
+    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    n = x.numel()
+    frame = _encode(compressor, x.reshape(-1), derive_seed(seed, PHASE_SEND))
+    pending = comm.allgather(frame, f"{name}.gather")
+    yield
+    decoded = [_decode(compressor, f, n) for f in _frames(comm.wait(pending), m)]
+    if compressor.needs_residual and not _is_raw(frame):
+        compressor.store_residual(x, decoded[comm.rank], segments)
+    total = torch.zeros(n)
+    for part in decoded:
+        total += part
+    return total / m if average else total
+
+
+def aggregate(
+    mode: str,
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    seed: int,
+    average: bool = True,
+) -> Pipeline:
+    """The pipeline of one compressed (not sum-compatible) aggregation mode over a flat buffer.
+
+    Raises:
+        ValueError: an unknown mode, or one the compressor's traits do not allow.
+    """
+    if mode == "packed-sum" and not compressor.traits.shared_scale:
+        raise ValueError(
+            f"aggregation 'packed-sum' needs a shared-scale compressor, not {compressor}"
+        )
+    fns = {"packed-sum": packed_sum, "scatter-gather": scatter_gather, "allgather": allgather}
+    if mode not in fns:
+        raise ValueError(f"aggregation must be one of {sorted(fns)} here, got {mode!r}")
+    return fns[mode](x, compressor, comm, name, segments, seed, average)
+
+
+# ---- cost model ---------------------------------------------------------------------------------
+
+
+def estimate_seconds(
+    mode: str, compressor: Compressor, numel: int, world_size: int, link: Link
+) -> float:
+    """Seconds one worker spends sending numel values under mode (bandwidth + latency terms).
+
+    A ring all-reduce or allgather takes M-1 latency steps, an alltoall M-1 messages; packed-sum
+    runs two all-reduces (scales, then fields), scatter-gather an alltoall and an allgather.
+    """
+    m = world_size
+    if m == 1:
+        return 0.0
+    ring = 2 * (m - 1) / m
+    steps = (m - 1) * link.latency
+    payload = compressor.payload_bytes(numel)
+    if mode == "allreduce":
+        return ring * payload / link.bandwidth + 2 * steps
+    if mode == "packed-sum":
+        per_word = _WORD_BITS // field_width(compressor.levels_max, m)
+        nb = -(-numel // compressor.bucket_size)
+        nbytes = 4 * nb + 8 * -(-numel // per_word)
+        return ring * nbytes / link.bandwidth + 4 * steps
+    if mode == "scatter-gather":
+        return ring * payload / link.bandwidth + 2 * steps
+    if mode == "allgather":
+        return (m - 1) * payload / link.bandwidth + steps
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
+def feasible_aggregations(compressor: Compressor) -> list[str]:
+    """The modes a compressor's traits allow."""
+    if compressor.traits.sum_compatible:
+        return ["allreduce"]
+    modes = ["scatter-gather", "allgather"]
+    # packed-sum sends fixed-width fields: it would drop a variable-length (Elias) coding
+    traits = compressor.traits
+    return ["packed-sum", *modes] if traits.shared_scale and not traits.variable_length else modes
+
+
+def choose_aggregation(
+    compressor: Compressor, numel: int, world_size: int, link: Link | None = None
+) -> str:
+    """The feasible mode with the least estimated time (scatter-gather's times
+    SECOND_QUANTIZATION_PENALTY, for its extra quantization error).
+
+    Example:
+        >>> choose_aggregation(Compression.qsgd(bits=4), 10**6, 2)
+        'allgather'
+        >>> choose_aggregation(Compression.qsgd(bits=4), 10**6, 4)
+        'packed-sum'
+    """
+    link = link or Link()
+
+    def cost(mode: str) -> float:
+        t = estimate_seconds(mode, compressor, numel, world_size, link)
+        return t * SECOND_QUANTIZATION_PENALTY if mode == "scatter-gather" else t
+
+    return min(feasible_aggregations(compressor), key=cost)

@@ -1,0 +1,609 @@
+"""hvd_qpr.DistributedOptimizer: Horovod's DistributedOptimizer with compression and K local steps.
+
+With ``local_steps=1`` it averages (compressed) gradients before every step, as Horovod does; with
+``local_steps=K > 1`` it runs Quantized Parallel-Restarted SGD (Jiang & Agrawal, "A Linear Speedup
+Analysis of Distributed Deep Learning with Sparse and Quantized Communication", NeurIPS 2018;
+Yu, Jin & Yang, "Parallel Restarted SGD with Faster Convergence and Less Communication", AAAI
+2019): K local steps, then the compressed average of the model differences since the last
+average, from which every worker restarts (DESIGN.md 2.3).
+
+The wiring lives here; *when* to communicate is :mod:`hvd_qpr.schedule`, *how* is
+:mod:`hvd_qpr.collectives`, and the compressor is only known through its declared traits.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import horovod.torch as hvd
+import horovod.torch.optimizer as hvd_optimizer
+import torch
+
+from hvd_qpr import collectives
+from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, Link, Pipeline
+from hvd_qpr.compression import Compression, Compressor, ErrorFeedback, as_compressor
+from hvd_qpr.schedule import SyncSchedule
+from hvd_qpr.seeds import derive_seed
+
+_COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
+_STATE_KEY = "hvd_qpr"
+
+
+class _Bucket:
+    """Compressible parameters fused into one flat float32 buffer."""
+
+    def __init__(self, index: int, params: list[torch.Tensor], names: list[str]) -> None:
+        self.index = index
+        self.params = params
+        self.segments = [(n, p.numel()) for n, p in zip(names, params, strict=True)]
+        self.name = f"hvd_qpr.bucket{index}"
+
+    def flatten(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        pieces = flat.split([p.numel() for p in self.params])
+        return [piece.view(p.shape) for piece, p in zip(pieces, self.params, strict=True)]
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Methods copied onto a subclass of the wrapped optimizer's class (as Horovod does)."""
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def _qpr_setup(
+        self,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+        compression: Compressor,
+        schedule: SyncSchedule,
+        aggregation: str,
+        backward_passes_per_step: int,
+        op: Any,
+        gradient_predivide_factor: float,
+        process_set: hvd.ProcessSet,
+        seed: int,
+        named_buffers: Iterable[tuple[str, torch.Tensor]] | None,
+        bucket_bytes: int,
+        min_compress_numel: int,
+        link: Link | None,
+    ) -> None:
+        params = [p for group in self.param_groups for p in group["params"]]
+        names = _parameter_names(named_parameters, self.param_groups)
+        self._qpr_names = {p: names[id(p)] for p in params}
+        self._qpr_params = [p for p in params if p.requires_grad]
+        self._qpr_buffers = [(n, b) for n, b in (named_buffers or []) if b.dtype.is_floating_point]
+        self._qpr_compressor = compression
+        self._qpr_schedule = schedule
+        self._qpr_op = op
+        self._qpr_predivide = gradient_predivide_factor
+        self._qpr_process_set = process_set
+        self._qpr_seed = seed
+        self._qpr_comm = Comm(process_set, CommStats())
+        self._qpr_backward_passes = backward_passes_per_step
+        self._qpr_delay = {p: backward_passes_per_step for p in self._qpr_params}
+        self._qpr_pending: dict[torch.Tensor, Pipeline] = {}
+        self._qpr_synchronized = False
+        self._qpr_should_synchronize = True
+        self._qpr_checked = False
+        self._qpr_step = 0  # step() calls completed
+        self._qpr_round = 0  # model averages done
+        self._qpr_local_count = 0  # local steps since the last model average
+        self._qpr_anchor: list[torch.Tensor] | None = None  # the last averaged model
+
+        # Tiny, non-float and float64 tensors, and all tensors of a sum-compatible compressor,
+        # are all-reduced one by one (Horovod fuses them); the rest is fused into buckets.
+        fused = not compression.traits.sum_compatible
+        self._qpr_dense = [
+            p
+            for p in self._qpr_params
+            if not (fused and p.dtype in _COMPRESSIBLE and p.numel() >= min_compress_numel)
+        ]
+        dense_ids = {id(p) for p in self._qpr_dense}
+        self._qpr_dense_ids = dense_ids
+        self._qpr_buckets: list[_Bucket] = []
+        current: list[torch.Tensor] = []
+        for p in self._qpr_params:
+            if id(p) in dense_ids:
+                continue
+            if current and 4 * (sum(q.numel() for q in current) + p.numel()) > bucket_bytes:
+                self._qpr_add_bucket(current)
+                current = []
+            current.append(p)
+        if current:
+            self._qpr_add_bucket(current)
+        size = process_set.size() if process_set.included() else 1
+        numel = max((sum(q.numel() for q in b.params) for b in self._qpr_buckets), default=0)
+        if aggregation == "auto":
+            aggregation = collectives.choose_aggregation(compression, numel, size, link)
+        elif aggregation not in collectives.feasible_aggregations(compression):
+            raise ValueError(
+                f"hvd_qpr.DistributedOptimizer: aggregation {aggregation!r} does not work with "
+                f"{compression}; choose one of "
+                f"{['auto', *collectives.feasible_aggregations(compression)]}"
+            )
+        self._qpr_aggregation = aggregation
+        # The dense path compresses only with a sum-compatible compressor.
+        self._qpr_dense_compressor = compression if not fused else Compression.none
+        if process_set.included():
+            for p in self._qpr_params:
+                p.register_post_accumulate_grad_hook(self._qpr_on_grad)
+
+    def _qpr_add_bucket(self, params: list[torch.Tensor]) -> None:
+        names = [self._qpr_names[p] for p in params]
+        self._qpr_buckets.append(_Bucket(len(self._qpr_buckets), params, names))
+
+    # ---- consistency across ranks ----------------------------------------------------------------
+
+    def _qpr_signature(self) -> list[tuple[str, int, str]]:
+        """(field, integer code, readable value) of everything the ranks must agree on."""
+
+        def crc(text: str) -> int:
+            return zlib.crc32(text.encode())
+
+        layout = ";".join(
+            f"{self._qpr_names[p]}:{tuple(p.shape)}:{p.dtype}" for p in self._qpr_params
+        )
+        schedule = self._qpr_schedule
+        total = sum(p.numel() for p in self._qpr_params)
+        return [
+            ("compression", crc(self._qpr_compressor.name), self._qpr_compressor.name),
+            ("local_steps", schedule.local_steps, str(schedule.local_steps)),
+            ("warmup_steps", schedule.warmup_steps, str(schedule.warmup_steps)),
+            ("aggregation", crc(self._qpr_aggregation), self._qpr_aggregation),
+            ("backward_passes_per_step", self._qpr_backward_passes, str(self._qpr_backward_passes)),
+            ("op", crc(str(self._qpr_op)), str(self._qpr_op)),
+            (
+                "parameter names, shapes and dtypes",
+                crc(layout),
+                f"{len(self._qpr_params)} tensors of {total} values",
+            ),
+            ("buckets", len(self._qpr_buckets), str(len(self._qpr_buckets))),
+        ]
+
+    def _qpr_check_config(self) -> None:
+        """Compares the configuration of all ranks once, before the first collective; raises on
+        every rank when they differ (each rank holds the whole table, so none hangs)."""
+        if self._qpr_checked or not self._qpr_process_set.included():
+            return
+        self._qpr_checked = True
+        signature = self._qpr_signature()
+        codes = torch.tensor([[code for _, code, _ in signature]], dtype=torch.int64)
+        table = hvd.allgather(codes, name="hvd_qpr.config", process_set=self._qpr_process_set)
+        rank = self._qpr_process_set.rank()
+        for column, (field, _, value) in enumerate(signature):
+            values = table[:, column].tolist()
+            if len(set(values)) > 1:
+                groups: dict[int, list[int]] = {}
+                for r, v in enumerate(values):
+                    groups.setdefault(v, []).append(r)
+                who = "; ".join(f"ranks {rs}" for rs in groups.values())
+                raise ValueError(
+                    f"hvd_qpr.DistributedOptimizer: ranks disagree on {field} ({who} agree among "
+                    f"themselves); rank {rank} has {value}. Every rank must wrap the same model "
+                    "with the same arguments"
+                )
+
+    # ---- gradient averaging (local_steps == 1, and the warm-up) ----------------------------------
+
+    def _qpr_on_grad(self, p: torch.Tensor) -> None:
+        self._qpr_check_config()
+        if not self._qpr_schedule.averages_gradients(self._qpr_step):
+            return
+        if p in self._qpr_pending and self._qpr_delay[p] <= 0:
+            raise AssertionError(
+                "Gradients were computed more than backward_passes_per_step times before call "
+                "to step(). Increase backward_passes_per_step to accumulate gradients locally."
+            )
+        self._qpr_delay[p] -= 1
+        if self._qpr_delay[p] == 0 and self._qpr_is_dense_now(p):
+            self._qpr_pending[p] = self._qpr_launch_dense_grad(p)
+
+    def _qpr_is_dense_now(self, p: torch.Tensor) -> bool:
+        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
+        return not compressed or id(p) in self._qpr_dense_ids
+
+    def _qpr_launch_dense_grad(self, p: torch.Tensor) -> Pipeline:
+        if p.grad is None:  # unused on this rank; another may have a gradient
+            p.grad = torch.zeros_like(p)
+        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
+        compressor = self._qpr_dense_compressor if compressed else Compression.none
+        average = self._qpr_op == hvd.Average
+        pipeline = collectives.allreduce_dense(
+            p.grad,
+            compressor,
+            self._qpr_comm,
+            f"hvd_qpr.grad.{self._qpr_names[p]}",
+            [(self._qpr_names[p], p.numel())],
+            op=self._qpr_op,
+            prescale_factor=1.0 / self._qpr_predivide if average else 1.0,
+            postscale_factor=self._qpr_predivide if average else 1.0,
+        )
+        next(pipeline)  # launch now, overlapping the rest of the backward pass
+        return pipeline
+
+    def synchronize(self) -> None:
+        """Waits for the gradients' averages and writes them into ``.grad`` (Horovod's meaning;
+        call it before clipping gradients, then ``step()`` inside ``skip_synchronize()``).
+        Does nothing on steps that only take a local step."""
+        if not self._qpr_process_set.included():
+            self._qpr_synchronized = True
+            return
+        self._qpr_check_config()
+        if not self._qpr_schedule.averages_gradients(self._qpr_step):
+            self._qpr_synchronized = True
+            return
+        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
+        fresh: list[tuple[object, Pipeline]] = []
+        dense = self._qpr_dense if compressed else self._qpr_params
+        for p in dense:
+            if p not in self._qpr_pending:
+                self._qpr_pending[p] = self._qpr_launch_dense_grad(p)
+        if compressed:
+            rank = self._qpr_process_set.rank()
+            for bucket in self._qpr_buckets:
+                grads = [
+                    p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params
+                ]
+                seed = derive_seed(self._qpr_seed, rank, self._qpr_step, bucket.index)
+                average = self._qpr_op == hvd.Average
+                pipeline = self._qpr_aggregate(bucket, bucket.flatten(grads), seed, average)
+                fresh.append((bucket, pipeline))
+        started = list(self._qpr_pending.items())
+        results = collectives.run_pipelines([pl for _, pl in fresh] + [pl for _, pl in started])
+        for (bucket, _), flat in zip(fresh, results[: len(fresh)], strict=True):
+            for p, avg in zip(bucket.params, bucket.split(flat), strict=True):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.copy_(avg)
+        for (p, _), avg in zip(started, results[len(fresh) :], strict=True):
+            p.grad.set_(avg)
+        for p in self._qpr_delay:
+            self._qpr_delay[p] = self._qpr_backward_passes
+        self._qpr_pending.clear()
+        self._qpr_synchronized = True
+
+    def _qpr_aggregate(
+        self, bucket: _Bucket, flat: torch.Tensor, seed: int, average: bool
+    ) -> Pipeline:
+        return collectives.aggregate(
+            self._qpr_aggregation,
+            flat,
+            self._qpr_compressor,
+            self._qpr_comm,
+            bucket.name,
+            bucket.segments,
+            seed,
+            average,
+        )
+
+    @contextmanager
+    def skip_synchronize(self):
+        """Within it, ``step()`` does not synchronize (it was done by hand before clipping)."""
+        self._qpr_should_synchronize = False
+        try:
+            yield
+        finally:
+            self._qpr_should_synchronize = True
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def step(self, closure=None):
+        """One step: gradients averaged first when the schedule says so, else a local step; after
+        every ``local_steps`` local steps, the models are averaged."""
+        schedule = self._qpr_schedule
+        if schedule.averages_gradients(self._qpr_step):
+            if self._qpr_should_synchronize:
+                if self._qpr_synchronized:
+                    warnings.warn(
+                        "optimizer.step() called without optimizer.skip_synchronize() context "
+                        "after optimizer.synchronize(). This can cause training slowdown.",
+                        stacklevel=2,
+                    )
+                self.synchronize()
+            self._qpr_synchronized = False
+            loss = super(self.__class__, self).step(closure)
+        else:
+            self._qpr_check_config()
+            if self._qpr_anchor is None:
+                self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
+            self._qpr_synchronized = False
+            loss = super(self.__class__, self).step(closure)
+            self._qpr_local_count += 1
+        self._qpr_step += 1
+        if schedule.syncs_after(self._qpr_local_count):
+            self._qpr_average_models()
+        return loss
+
+    def sync_models(self) -> None:
+        """Averages the models now (compressed as configured), so that every rank holds the same
+        model, e.g. before evaluating or saving a checkpoint, and at the end of training. The
+        next round counts its local steps from here. A no-op when no local step was taken since
+        the last average. Call it on every rank."""
+        if self._qpr_local_count > 0:
+            self._qpr_average_models()
+
+    def _qpr_check_finite(self) -> None:
+        flags = torch.tensor(
+            [[0 if bool(torch.isfinite(p).all()) else 1 for p in self._qpr_params]],
+            dtype=torch.uint8,
+        )
+        table = hvd.allgather(flags, name="hvd_qpr.finite", process_set=self._qpr_process_set)
+        bad = table.nonzero().tolist()
+        if bad:
+            column = bad[0][1]
+            ranks = sorted({r for r, c in bad if c == column})
+            name = self._qpr_names[self._qpr_params[column]]
+            raise FloatingPointError(
+                f"hvd_qpr.DistributedOptimizer: the model difference of parameter {name!r} holds "
+                f"NaN or Inf on rank(s) {ranks} after {self._qpr_local_count} local steps "
+                f"(round {self._qpr_round}); nothing was averaged. Lower the learning rate or "
+                "clip gradients"
+            )
+
+    def _qpr_average_models(self) -> None:
+        """x_bar += average of Q(x_i - x_bar); every worker restarts from x_bar (DESIGN.md 2.3)."""
+        anchor = self._qpr_anchor
+        assert anchor is not None
+        if self._qpr_process_set.included():
+            self._qpr_check_finite()
+            anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
+            rank = self._qpr_process_set.rank()
+            pipelines: list[Pipeline] = []
+            for bucket in self._qpr_buckets:
+                delta = bucket.flatten(p for p in bucket.params) - bucket.flatten(
+                    anchors[id(p)] for p in bucket.params
+                )
+                seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
+                pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
+            for p in self._qpr_dense:
+                name = self._qpr_names[p]
+                pipelines.append(
+                    collectives.allreduce_dense(
+                        (p.detach() - anchors[id(p)]).contiguous(),
+                        self._qpr_dense_compressor,
+                        self._qpr_comm,
+                        f"hvd_qpr.model.{name}",
+                        [(name, p.numel())],
+                    )
+                )
+            for name, buf in self._qpr_buffers:
+                pipelines.append(
+                    collectives.allreduce_dense(
+                        buf.data, Compression.none, self._qpr_comm, f"hvd_qpr.buffer.{name}", []
+                    )
+                )
+            results = collectives.run_pipelines(pipelines)
+            nb = len(self._qpr_buckets)
+            with torch.no_grad():
+                for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
+                    for p, d in zip(bucket.params, bucket.split(mean), strict=True):
+                        p.copy_((anchors[id(p)].to(torch.float32) + d).to(p.dtype))
+                nd = len(self._qpr_dense)
+                rest = results[nb:]
+                for p, d in zip(self._qpr_dense, rest[:nd], strict=True):
+                    p.copy_(anchors[id(p)] + d)
+                for (_, buf), avg in zip(self._qpr_buffers, rest[nd:], strict=True):
+                    buf.copy_(avg)
+        self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
+        self._qpr_round += 1
+        self._qpr_local_count = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._qpr_pending:
+            raise AssertionError(
+                "optimizer.zero_grad() was called after loss.backward() but before "
+                "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
+                "a race condition."
+            )
+        return super(self.__class__, self).zero_grad(set_to_none)
+
+    # ---- accounting and state --------------------------------------------------------------------
+
+    def comm_stats(self) -> dict[str, float]:
+        """What this worker sent so far: payload_bytes (handed to Horovod), wire_bytes (sent on
+        the network under each collective's algorithm, DESIGN.md 2.3), collectives (count) and
+        wait_seconds (time blocked waiting for collectives)."""
+        return self._qpr_comm.stats.as_dict()
+
+    def reset_comm_stats(self) -> None:
+        """Sets the counts of :meth:`comm_stats` back to zero."""
+        self._qpr_comm.stats.reset()
+
+    @property
+    def aggregation(self) -> str:
+        """The aggregation in use (what ``"auto"`` chose)."""
+        return self._qpr_aggregation
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus this rank's schedule position, residuals and last
+        averaged model, so a run resumed on every rank from its own state continues exactly."""
+        state = super(self.__class__, self).state_dict()
+        compressor = self._qpr_compressor
+        state[_STATE_KEY] = {
+            "step": self._qpr_step,
+            "round": self._qpr_round,
+            "local_count": self._qpr_local_count,
+            "anchor": None if self._qpr_anchor is None else [a.clone() for a in self._qpr_anchor],
+            "residuals": compressor.state_dict() if isinstance(compressor, ErrorFeedback) else {},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY, None)
+        self._qpr_pending.clear()
+        self._qpr_synchronized = False
+        self._qpr_should_synchronize = True
+        for p in self._qpr_delay:
+            self._qpr_delay[p] = self._qpr_backward_passes
+        super(self.__class__, self).load_state_dict(state_dict)
+        if ours is None:
+            return
+        self._qpr_step = int(ours["step"])
+        self._qpr_round = int(ours["round"])
+        self._qpr_local_count = int(ours["local_count"])
+        anchor = ours["anchor"]
+        if anchor is not None:
+            if [tuple(a.shape) for a in anchor] != [tuple(p.shape) for p in self._qpr_params]:
+                raise ValueError("load_state_dict: the saved model's shapes differ from this one's")
+            anchor = [
+                a.detach().clone().to(p.device, p.dtype)
+                for a, p in zip(anchor, self._qpr_params, strict=True)
+            ]
+        self._qpr_anchor = anchor
+        if isinstance(self._qpr_compressor, ErrorFeedback):
+            self._qpr_compressor.load_state_dict(ours["residuals"])
+
+
+def _parameter_names(
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None, param_groups: list[dict]
+) -> dict[int, str]:
+    """Names by id(parameter), checked as Horovod checks them."""
+    if named_parameters is None:
+        return {
+            id(p): f"noname.{i}.{j}"
+            for i, group in enumerate(param_groups)
+            for j, p in enumerate(group["params"])
+        }
+    pairs = list(named_parameters)
+    if any(not isinstance(pair, tuple) or len(pair) != 2 for pair in pairs):
+        raise ValueError(
+            "named_parameters should be a sequence of tuples (name, parameter), usually produced "
+            "by model.named_parameters()"
+        )
+    seen: set[str] = set()
+    dups = sorted({n for n, _ in pairs if n in seen or seen.add(n)})
+    if dups:
+        raise ValueError(f"Parameter names in named_parameters must be unique. Duplicates: {dups}")
+    names = {id(p): n for n, p in pairs}
+    unnamed = [p for g in param_groups for p in g["params"] if id(p) not in names]
+    if unnamed:
+        raise ValueError(
+            f"named_parameters was specified, but {len(unnamed)} of the optimizer's parameters "
+            "are not named in it"
+        )
+    return names
+
+
+def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+    compression: object = Compression.none,
+    local_steps: int = 1,
+    warmup_steps: int = 0,
+    aggregation: str = "auto",
+    error_feedback: bool = False,
+    backward_passes_per_step: int = 1,
+    op: Any = hvd.Average,
+    gradient_predivide_factor: float = 1.0,
+    process_set: hvd.ProcessSet = hvd.global_process_set,
+    seed: int = 0,
+    named_buffers: Iterable[tuple[str, torch.Tensor]] | None = None,
+    bucket_bytes: int = 64 * 2**20,
+    min_compress_numel: int = 1024,
+    link: Link | None = None,
+) -> torch.optim.Optimizer:
+    """Wraps a torch optimizer so that workers average compressed gradients or, every
+    ``local_steps`` steps, compressed model differences (QPR-SGD).
+
+    A drop-in replacement for ``hvd.DistributedOptimizer``: the result is an instance of a
+    subclass of the wrapped optimizer's class (LR schedulers, ``zero_grad``, ``synchronize`` /
+    ``skip_synchronize``, ``state_dict`` work as with Horovod), and with the defaults it does
+    exactly what Horovod's does. Optimizer state (momentum, Adam moments) stays local.
+
+    Args:
+        optimizer: any torch optimizer.
+        named_parameters: ``model.named_parameters()``; names key residuals and collectives.
+        compression: an hvd_qpr compressor (``hvd_qpr.Compression.qsgd(bits=4)``, ...) or one of
+            Horovod's (``hvd.Compression.fp16``).
+        local_steps: K. 1 averages gradients every step; K > 1 averages models every K steps.
+        warmup_steps: first steps that average uncompressed gradients before switching.
+        aggregation: ``"auto"`` (the cost model in :mod:`hvd_qpr.collectives`), ``"allreduce"``
+            (sum-compatible compressors), ``"packed-sum"``, ``"scatter-gather"`` or
+            ``"allgather"``.
+        error_feedback: wrap the compressor in :class:`hvd_qpr.ErrorFeedback`.
+        backward_passes_per_step: backward passes accumulated before gradients are averaged.
+        op: ``hvd.Average`` or ``hvd.Sum``, for gradient averaging (models are always averaged).
+        gradient_predivide_factor: as Horovod's, for the uncompressed all-reduces.
+        process_set: the Horovod process set to average over.
+        seed: seeds the stochastic rounding, with rank, round and bucket (DESIGN.md 2.3).
+        named_buffers: ``model.named_buffers()``: floating-point buffers (BatchNorm statistics)
+            are averaged at every model average; integer ones (counters) are left alone.
+        bucket_bytes: size of the fused buffers of compressed tensors (float32 bytes).
+        min_compress_numel: tensors with fewer values are sent uncompressed.
+        link: the network for the ``"auto"`` cost model (default: 1 Gbit/s, 100 us).
+
+    Returns:
+        The distributed optimizer. Besides Horovod's methods it has ``sync_models()``,
+        ``comm_stats()``, ``reset_comm_stats()`` and ``aggregation``.
+
+    Raises:
+        ValueError / TypeError: an argument out of range or a compressor that cannot be used.
+
+    Example:
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> opt = hvd_qpr.DistributedOptimizer(
+        ...     opt,
+        ...     model.named_parameters(),
+        ...     compression=hvd_qpr.Compression.qsgd(bits=4),
+        ...     local_steps=8,
+        ... )
+        >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    schedule = SyncSchedule(local_steps, warmup_steps)
+    compressor = as_compressor(compression)
+    if error_feedback and not isinstance(compressor, ErrorFeedback):
+        compressor = ErrorFeedback(compressor)
+    if aggregation != "auto" and aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"aggregation must be 'auto' or one of {list(AGGREGATIONS)}, got {aggregation!r}"
+        )
+    for name, value, low in (
+        ("backward_passes_per_step", backward_passes_per_step, 1),
+        ("min_compress_numel", min_compress_numel, 1),
+        ("bucket_bytes", bucket_bytes, 4),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if op not in (hvd.Average, hvd.Sum):
+        raise ValueError("op must be hvd.Average or hvd.Sum (Adasum is not supported)")
+    if gradient_predivide_factor != 1.0 and op != hvd.Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+
+    cls = type(
+        optimizer.__class__.__name__,
+        (optimizer.__class__,),
+        dict(_DistributedOptimizer.__dict__),
+    )
+    # hvd.broadcast_optimizer_state recognizes a distributed optimizer by its module and then
+    # steps the wrapped optimizer directly; without this it would run our step() (communicating
+    # and advancing the schedule) to initialize the state.
+    cls.__module__ = hvd_optimizer.__name__
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)
+    wrapped._qpr_setup(
+        named_parameters,
+        compressor,
+        schedule,
+        aggregation,
+        backward_passes_per_step,
+        op,
+        gradient_predivide_factor,
+        process_set,
+        seed,
+        named_buffers,
+        bucket_bytes,
+        min_compress_numel,
+        link,
+    )
+    return wrapped

@@ -1,0 +1,502 @@
+"""Checks of hvd_qpr.DistributedOptimizer, run by every rank of one horovodrun launch.
+
+Every check runs on every rank in the same order (they all use collectives); a failed comparison
+is recorded and reported at the end instead of raised, so the other ranks never wait on a rank
+that left. Output: "rank R/M: PASS name" or "rank R/M: FAIL name: why" lines.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import hvd_qpr  # noqa: E402
+from hvd_qpr import collectives  # noqa: E402
+from hvd_qpr.compression import QSGDCompressor  # noqa: E402
+from tests.parallel.simulation import Simulation  # noqa: E402
+
+torch.set_num_threads(1)
+hvd.init()
+RANK, SIZE = hvd.rank(), hvd.size()
+RESULTS: list[tuple[str, str | None]] = []
+
+
+def check(cond: bool, why: str) -> None:
+    if not cond:
+        raise AssertionError(why)
+
+
+def run(name: str, fn) -> None:
+    try:
+        fn()
+        RESULTS.append((name, None))
+    except Exception:
+        RESULTS.append((name, traceback.format_exc().strip().splitlines()[-1]))
+        traceback.print_exc()
+
+
+class Net(torch.nn.Module):
+    """Two compressible weights, small biases, a frozen and an unused parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(24, 48)
+        self.fc2 = torch.nn.Linear(48, 40)
+        self.frozen = torch.nn.Parameter(torch.randn(7), requires_grad=False)
+        self.unused = torch.nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)) + self.frozen.sum())
+
+
+def make_net() -> Net:
+    torch.manual_seed(1234)
+    return Net()
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(16, 24, generator=g), torch.randint(0, 40, (16,), generator=g)
+
+
+def train_step(model, opt, step: int, clip: bool = False, passes: int = 1) -> None:
+    opt.zero_grad()
+    for i in range(passes):  # gradients of several micro-batches accumulate
+        x, y = batch(RANK, step * passes + i)
+        F.cross_entropy(model(x), y).backward()
+    if clip:
+        opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        with opt.skip_synchronize():
+            opt.step()
+    else:
+        opt.step()
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def same_on_all_ranks(model, name: str) -> bool:
+    table = hvd.allgather(flat_params(model)[None], name=name)
+    return bool((table == table[0]).all())
+
+
+# ---- local_steps=1, compression none: Horovod's optimizer, bit for bit --------------------------
+
+
+def equals_horovod(make_opt, clip: bool, tag: str, passes: int = 1) -> None:
+    ref_model, our_model = make_net(), make_net()
+    ref_opt = hvd.DistributedOptimizer(
+        make_opt(ref_model.parameters()),
+        named_parameters=ref_model.named_parameters(),
+        backward_passes_per_step=passes,
+    )
+    our_opt = hvd_qpr.DistributedOptimizer(
+        make_opt(our_model.parameters()),
+        named_parameters=our_model.named_parameters(),
+        backward_passes_per_step=passes,
+    )
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    our_sched = torch.optim.lr_scheduler.StepLR(our_opt, step_size=2, gamma=0.5)
+    for step in range(6):
+        train_step(ref_model, ref_opt, step, clip, passes)
+        ref_sched.step()
+        train_step(our_model, our_opt, step, clip, passes)
+        our_sched.step()
+    check(isinstance(our_opt, type(make_opt([torch.zeros(1, requires_grad=True)]))), "type")
+    check(our_opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"], "scheduler steps")
+    a, b = flat_params(ref_model), flat_params(our_model)
+    if SIZE == 2:
+        check(torch.equal(a, b), f"{tag}: differs from hvd by {(a - b).abs().max():.3g}")
+    else:
+        check(torch.allclose(a, b, rtol=1e-6, atol=1e-7), f"{tag}: {(a - b).abs().max():.3g}")
+    check(same_on_all_ranks(our_model, f"eq.{tag}"), "ranks differ")
+
+
+def check_equals_horovod() -> None:
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4)  # noqa: E731
+    adam = lambda ps: torch.optim.Adam(ps, lr=1e-2)  # noqa: E731
+    equals_horovod(sgd, clip=False, tag="sgd")
+    equals_horovod(adam, clip=False, tag="adam")
+    equals_horovod(sgd, clip=True, tag="sgd-clip")
+    equals_horovod(sgd, clip=False, tag="sgd-2-passes", passes=2)
+
+
+# ---- PR-SGD and QPR-SGD against the single-process simulation ----------------------------------
+
+
+class RecordingQSGD(QSGDCompressor):
+    """QSGD that remembers what it sent: packed-sum fields and encoded payloads."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sent: list[torch.Tensor] = []
+
+    def quantize_fields(self, x, scales, seed):
+        fields = super().quantize_fields(x, scales, seed)
+        self.sent.append(fields.clone())
+        return fields
+
+    def encode(self, x, seed):
+        payload = super().encode(x, seed)
+        self.sent.append(payload.clone())
+        return payload
+
+
+def check_simulation(mode: str | None, bits: int | None, k: int, warmup: int) -> None:
+    steps = 2 * k + warmup + 1
+    model = make_net()
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9)  # noqa: E731
+    # Every tensor is compressed: uncompressed ones would be summed by Horovod's ring in an order
+    # the simulation cannot reproduce at M > 2, and later rounds' inputs would differ by rounding.
+    min_numel = 1
+    sim = Simulation(
+        model,
+        sgd,
+        batch,
+        F.cross_entropy,
+        SIZE,
+        k,
+        warmup,
+        bits=bits,
+        mode=mode or "packed-sum",
+        min_compress_numel=min_numel,
+    )
+    comp = hvd_qpr.Compression.none if bits is None else RecordingQSGD(bits=bits)
+    ours = copy.deepcopy(model)
+    opt = hvd_qpr.DistributedOptimizer(
+        sgd(ours.parameters()),
+        ours.named_parameters(),
+        compression=comp,
+        local_steps=k,
+        warmup_steps=warmup,
+        aggregation=mode or "auto",
+        seed=0,
+        min_compress_numel=min_numel,
+    )
+    for step in range(steps):
+        train_step(ours, opt, step)
+        sim.step()
+        synced = step + 1 >= warmup and (step + 1 - warmup) % k == 0 and step + 1 > warmup
+        if step < warmup or synced:
+            tag = f"sim.{mode}.{bits}.{step}"
+            check(same_on_all_ranks(ours, tag), f"step {step}: ranks differ after averaging")
+            mine = [p for p in ours.parameters() if p.requires_grad]
+            for p, q in zip(mine, sim.params(RANK), strict=True):
+                check(
+                    torch.allclose(p, q, rtol=1e-5, atol=1e-6),
+                    f"step {step}: differs from the simulation by {(p - q).abs().max():.3g}",
+                )
+    if bits is not None:
+        expected = sim.sent[RANK]
+        check(len(comp.sent) == len(expected), f"{len(comp.sent)} payloads, {len(expected)}")
+        for i, (a, b) in enumerate(zip(comp.sent, expected, strict=True)):
+            check(torch.equal(a, b), f"payload {i} differs from the simulation's levels")
+
+
+# ---- sync_models and several fused buckets ------------------------------------------------------
+
+
+def check_sync_models_and_buckets() -> None:
+    model = make_net()
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        model.named_parameters(),
+        compression=hvd_qpr.Compression.qsgd(bits=5, bucket_size=100),
+        local_steps=4,
+        aggregation="scatter-gather",
+        error_feedback=True,
+        bucket_bytes=4 * 1500,  # fc1.weight and fc2.weight in buckets of their own
+        min_compress_numel=1000,
+    )
+    for step in range(3):
+        train_step(model, opt, step)
+    check(not same_on_all_ranks(model, "sync.before"), "ranks equal before averaging")
+    opt.sync_models()
+    check(same_on_all_ranks(model, "sync.after"), "sync_models left ranks apart")
+    check(opt.state_dict()["hvd_qpr"]["round"] == 1, "sync_models is a round")
+    before = flat_params(model)
+    opt.sync_models()  # nothing to average: no collective, nothing changes
+    check(torch.equal(before, flat_params(model)), "a second sync_models changed the model")
+    for step in range(3, 7):  # the next round has its own K local steps
+        train_step(model, opt, step)
+    check(opt.state_dict()["hvd_qpr"]["round"] == 2, "round after K more steps")
+    check(same_on_all_ranks(model, "sync.k"), "ranks differ after the next average")
+    names = sorted(opt.state_dict()["hvd_qpr"]["residuals"])
+    check(names == ["fc1.weight", "fc2.weight"], f"residuals of {names}")
+
+
+# ---- packed-sum: the packed integer sum equals the exact sum of the fields ----------------------
+
+
+def check_packed_sum_exact() -> None:
+    comm = collectives.Comm(hvd.global_process_set)
+    for bits in range(2, 9):
+        comp = RecordingQSGD(bits=bits, bucket_size=100)
+        g = torch.Generator().manual_seed(RANK * 31 + bits)
+        x = torch.randn(1013, generator=g) * torch.exp(torch.randn(1013, generator=g))
+        pipeline = collectives.packed_sum(x, comp, comm, f"ps{bits}", [("x", 1013)], seed=bits)
+        result = collectives.finish(pipeline)
+        fields = comp.sent[-1]
+        table = hvd.allgather(fields[None], name=f"ps.fields{bits}")
+        check(table.max() <= 2 * comp.levels_max, "a field beyond 2s")
+        check(fields.max() == 2 * comp.levels_max or fields.min() == 0, "fields use the range")
+        scales = hvd.allreduce(comp.bucket_scales(x), op=hvd.Max, name=f"ps.scales{bits}")
+        exact = comp.dequantize_field_sum(table.sum(0), SIZE, scales) / SIZE
+        check(torch.equal(result, exact), f"bits {bits}: packed-sum != exact sum of the fields")
+        width = collectives.field_width(comp.levels_max, SIZE)
+        words = collectives.pack_words(table.sum(0), width)
+        check(torch.equal(collectives.unpack_words(words, width, 1013), table.sum(0)), "words")
+
+
+# ---- resume from state_dict mid-run -------------------------------------------------------------
+
+
+def check_resume() -> None:
+    def build():
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
+            model.named_parameters(),
+            compression=hvd_qpr.Compression.qsgd(bits=3),
+            local_steps=3,
+            error_feedback=True,
+            seed=7,
+        )
+        return model, opt
+
+    model, opt = build()
+    saved = None
+    for step in range(11):
+        if step == 5:  # mid-round: 2 local steps since the last average
+            saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        train_step(model, opt, step)
+    check(opt.state_dict()["hvd_qpr"]["residuals"], "error feedback kept no residuals")
+    model2, opt2 = build()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    for step in range(5, 11):
+        train_step(model2, opt2, step)
+    check(torch.equal(flat_params(model), flat_params(model2)), "resumed run differs")
+
+
+# ---- hvd.broadcast_optimizer_state keeps its meaning -------------------------------------------
+
+
+def check_broadcast_optimizer_state() -> None:
+    model = make_net()
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model.named_parameters(),
+        compression=hvd_qpr.Compression.qsgd(bits=4),
+        local_steps=2,
+        error_feedback=True,
+    )
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    state = opt.state_dict()["hvd_qpr"]
+    check(state["step"] == 0 and state["round"] == 0, "broadcast_optimizer_state advanced steps")
+    check(opt.comm_stats()["collectives"] == 0, "broadcast_optimizer_state ran our collectives")
+    for step in range(2):
+        train_step(model, opt, step)
+    residuals = {k: v.clone() for k, v in opt.state_dict()["hvd_qpr"]["residuals"].items()}
+    for group in opt.param_groups:  # momentum differs per rank after local steps
+        for p in group["params"]:
+            if "momentum_buffer" in opt.state[p]:
+                opt.state[p]["momentum_buffer"].fill_(float(RANK))
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    after = opt.state_dict()
+    momenta = [s["momentum_buffer"] for s in after["state"].values() if "momentum_buffer" in s]
+    check(all(bool((m == 0).all()) for m in momenta), "wrapped state not taken from the root")
+    for k, v in after["hvd_qpr"]["residuals"].items():
+        check(torch.equal(v, residuals[k]), f"residual of {k} overwritten")
+    check(after["hvd_qpr"]["step"] == 2, "schedule advanced")
+
+
+# ---- comm_stats ---------------------------------------------------------------------------------
+
+
+def check_comm_stats() -> None:
+    model = make_net()
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters()
+    )
+    train_step(model, opt, 0)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    stats = opt.comm_stats()
+    check(stats["payload_bytes"] == 4 * numel, f"payload {stats['payload_bytes']} != {4 * numel}")
+    expected = 2 * (SIZE - 1) / SIZE * 4 * numel
+    check(abs(stats["wire_bytes"] - expected) < 1e-6, f"wire {stats['wire_bytes']} != {expected}")
+    check(stats["collectives"] == 5, f"{stats['collectives']} collectives, 5 parameters")
+    opt.reset_comm_stats()
+    check(opt.comm_stats()["payload_bytes"] == 0, "reset")
+
+
+# ---- buffers are averaged at each model average --------------------------------------------------
+
+
+def check_buffers() -> None:
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.BatchNorm1d(32))
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        local_steps=2,
+        named_buffers=model.named_buffers(),
+    )
+    for step in range(2):
+        opt.zero_grad()
+        x, _ = batch(RANK, step)
+        model(x).square().mean().backward()
+        if step == 1:
+            before = model[1].running_mean.clone()
+        opt.step()
+    mean = hvd.allreduce(before, op=hvd.Average, name="bn.expected")
+    check(torch.allclose(model[1].running_mean, mean), "running_mean not averaged")
+    table = hvd.allgather(model[1].running_var[None], name="bn.var")
+    check(bool((table == table[0]).all()), "running_var differs across ranks")
+
+
+# ---- errors on every rank, never a hang ---------------------------------------------------------
+
+
+def expect_error(fn, exc: type, pattern: str, limit: float = 60.0) -> None:
+    start = time.monotonic()
+    try:
+        fn()
+    except exc as e:
+        check(pattern in str(e), f"message {str(e)!r} lacks {pattern!r}")
+    else:
+        raise AssertionError(f"no {exc.__name__} raised")
+    check(time.monotonic() - start < limit, "took too long")
+
+
+def check_mismatches() -> None:
+    last = RANK == SIZE - 1
+
+    def mismatched(**kwargs):
+        def go():
+            model = make_net()
+            opt = hvd_qpr.DistributedOptimizer(
+                torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), **kwargs
+            )
+            train_step(model, opt, 0)
+
+        return go
+
+    k = 4 if last else 2
+    expect_error(mismatched(local_steps=k), ValueError, "ranks disagree on local_steps")
+    comp = hvd_qpr.Compression.qsgd(bits=2 if last else 4)
+    expect_error(mismatched(compression=comp, local_steps=2), ValueError, "disagree on compression")
+
+    def shapes():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(24, 40 + (1 if last else 0))
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters()
+        )
+        opt.zero_grad()
+        model(torch.randn(2, 24)).sum().backward()
+        opt.step()
+
+    expect_error(shapes, ValueError, "disagree on parameter names, shapes and dtypes")
+
+
+def check_nan_model_difference() -> None:
+    model = make_net()
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        compression=hvd_qpr.Compression.qsgd(bits=4),
+        local_steps=2,
+    )
+
+    def go():
+        for step in range(2):
+            opt.zero_grad()
+            x, y = batch(RANK, step)
+            F.cross_entropy(model(x), y).backward()
+            if RANK == SIZE - 1 and step == 1:
+                model.fc2.weight.grad[0, 0] = float("nan")
+            opt.step()
+
+    expect_error(go, FloatingPointError, "parameter 'fc2.weight' holds NaN or Inf on rank(s)")
+
+
+def check_nan_gradients_pass_through() -> None:
+    for comp in (hvd_qpr.Compression.none, hvd_qpr.Compression.qsgd(bits=4)):
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=comp,
+        )
+        opt.zero_grad()
+        x, y = batch(RANK, 0)
+        F.cross_entropy(model(x), y).backward()
+        if RANK == 0:
+            model.fc1.weight.grad[3, 3] = float("inf")
+        opt.synchronize()
+        check(not bool(torch.isfinite(model.fc1.weight.grad).all()), f"{comp}: Inf lost")
+        check(bool(torch.isfinite(model.fc2.weight.grad).all()), f"{comp}: NaN spread")
+        with opt.skip_synchronize():
+            opt.step()
+
+
+def check_qsgd_refused_by_horovod() -> None:
+    model = make_net()
+    opt = hvd.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        named_parameters=model.named_parameters(),
+        compression=hvd_qpr.Compression.qsgd(bits=4),
+    )
+    expect_error(lambda: train_step(model, opt, 0), ValueError, "hvd_qpr.DistributedOptimizer")
+    # Horovod's own compressors are accepted by ours
+    model = make_net()
+    opt = hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        compression=hvd.Compression.fp16,
+        local_steps=2,
+    )
+    for step in range(2):
+        train_step(model, opt, step)
+    check(same_on_all_ranks(model, "hvd.fp16"), "fp16 model average differs across ranks")
+
+
+def main() -> None:
+    run("equals_horovod", check_equals_horovod)
+    run("pr_sgd_warmup", lambda: check_simulation(None, None, k=3, warmup=2))
+    for mode in ("packed-sum", "scatter-gather", "allgather"):
+        run(f"qpr_sgd_{mode}_4bit", lambda mode=mode: check_simulation(mode, 4, k=3, warmup=0))
+    run("qpr_sgd_packed-sum_2bit", lambda: check_simulation("packed-sum", 2, k=2, warmup=1))
+    run("sync_models_and_buckets", check_sync_models_and_buckets)
+    run("packed_sum_exact", check_packed_sum_exact)
+    run("resume", check_resume)
+    run("broadcast_optimizer_state", check_broadcast_optimizer_state)
+    run("comm_stats", check_comm_stats)
+    run("buffers", check_buffers)
+    run("mismatches", check_mismatches)
+    run("nan_model_difference", check_nan_model_difference)
+    run("nan_gradients_pass_through", check_nan_gradients_pass_through)
+    run("qsgd_refused_by_horovod", check_qsgd_refused_by_horovod)
+    print(f"rank {RANK}/{SIZE}: ran {len(RESULTS)} checks")
+    for name, why in RESULTS:
+        print(f"rank {RANK}/{SIZE}: " + (f"PASS {name}" if why is None else f"FAIL {name}: {why}"))
+    sys.stdout.flush()
+    hvd.shutdown()
+    sys.exit(0 if all(why is None for _, why in RESULTS) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""A single-process simulation of M workers running (Q)PR-SGD, built from hvd_qpr.reference.
+
+It restates DESIGN.md 2.3 independently of the optimizer's code: every worker takes K local steps
+on its own batches, the compressible parameters (fused in order into one bucket) are quantized
+with the reference quantizer under the seeds of hvd_qpr.seeds, and the average is formed as
+each aggregation mode defines it. Tests run it inside every Horovod rank and compare.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+
+import hvd_qpr.reference as ref
+from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def chunk_edges(numel: int, parts: int, block: int) -> list[tuple[int, int]]:
+    blocks = -(-numel // block)
+    edges = [min(numel, (blocks * j // parts) * block) for j in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def serialize(q) -> torch.Tensor:
+    """The fixed-length QSGD payload: float32 scales, then the packed fields."""
+    return torch.cat([q.scales.view(torch.uint8), q.packed])
+
+
+class Simulation:
+    """M workers, each with a copy of model and its own optimizer.
+
+    Args:
+        model: the initial model (copied per worker).
+        make_optimizer: builds a worker's optimizer from its parameters.
+        batch: batch(rank, step) -> (inputs, targets).
+        loss_fn: loss of outputs and targets.
+        world: M.
+        local_steps, warmup_steps: as the optimizer's.
+        bits, bucket_size: the quantizer's; bits None means no compression (PR-SGD).
+        mode: "packed-sum", "scatter-gather" or "allgather".
+        min_compress_numel: smaller tensors are averaged uncompressed.
+        seed: the optimizer's seed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        make_optimizer: Callable,
+        batch: Callable[[int, int], Batch],
+        loss_fn: Callable,
+        world: int,
+        local_steps: int,
+        warmup_steps: int = 0,
+        bits: int | None = None,
+        bucket_size: int = 512,
+        mode: str = "packed-sum",
+        min_compress_numel: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        self.models = [copy.deepcopy(model) for _ in range(world)]
+        self.opts = [make_optimizer(m.parameters()) for m in self.models]
+        self.batch, self.loss_fn, self.world = batch, loss_fn, world
+        self.k, self.warmup = local_steps, warmup_steps
+        self.bits, self.bucket_size, self.mode = bits, bucket_size, mode
+        self.min_numel, self.seed = min_compress_numel, seed
+        self.step_index, self.round, self.local_count = 0, 0, 0
+        self.anchor: list[torch.Tensor] | None = None
+        self.sent: list[list[torch.Tensor]] = [[] for _ in range(world)]  # payloads per worker
+
+    def params(self, w: int) -> list[torch.Tensor]:
+        return [p for p in self.models[w].parameters() if p.requires_grad]
+
+    def _grads(self) -> None:
+        for w, (model, opt) in enumerate(zip(self.models, self.opts, strict=True)):
+            opt.zero_grad()
+            x, y = self.batch(w, self.step_index)
+            self.loss_fn(model(x), y).backward()
+
+    def step(self) -> None:
+        self._grads()
+        if self.step_index < self.warmup:  # averaged uncompressed gradients
+            for group in zip(*(self.params(w) for w in range(self.world)), strict=True):
+                for p in group:  # unused parameters average zeros, as Horovod's optimizer does
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                total = group[0].grad.clone()
+                for p in group[1:]:
+                    total += p.grad
+                for p in group:
+                    p.grad = total / self.world
+            for opt in self.opts:
+                opt.step()
+        else:
+            if self.anchor is None:
+                self.anchor = [p.detach().clone() for p in self.params(0)]
+            for opt in self.opts:
+                opt.step()
+            self.local_count += 1
+        self.step_index += 1
+        if self.step_index > self.warmup and self.local_count == self.k:
+            self.average()
+
+    def _compressible(self, p: torch.Tensor) -> bool:
+        return self.bits is not None and p.numel() >= self.min_numel
+
+    def average(self) -> None:
+        m = self.world
+        anchor = self.anchor
+        plist = [self.params(w) for w in range(m)]
+        fused = [i for i, p in enumerate(plist[0]) if self._compressible(p)]
+        new = [None] * len(anchor)
+        for i, a in enumerate(anchor):  # uncompressed tensors: plain average of the differences
+            if i in fused:
+                continue
+            total = plist[0][i].detach() - a
+            for w in range(1, m):
+                total = total + (plist[w][i].detach() - a)
+            new[i] = a + total / m
+        if fused:
+            deltas = [
+                torch.cat([(plist[w][i].detach() - anchor[i]).reshape(-1) for i in fused])
+                for w in range(m)
+            ]
+            mean = self._aggregate(deltas)
+            offset = 0
+            for i in fused:
+                n = anchor[i].numel()
+                new[i] = (anchor[i] + mean[offset : offset + n].view_as(anchor[i])).to(
+                    anchor[i].dtype
+                )
+                offset += n
+        with torch.no_grad():
+            for w in range(m):
+                for p, value in zip(plist[w], new, strict=True):
+                    p.copy_(value)
+        self.anchor = [v.clone() for v in new]
+        self.round += 1
+        self.local_count = 0
+
+    def _seed(self, w: int) -> int:
+        return derive_seed(self.seed, w, self.round, 0)
+
+    def _aggregate(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        m, bits, d = self.world, self.bits, self.bucket_size
+        n = deltas[0].numel()
+        s = 2 ** (bits - 1) - 1
+        if self.mode == "packed-sum":
+            nb = -(-n // d)
+            peaks = [
+                torch.cat([x.abs(), x.new_zeros(nb * d - n)]).view(nb, d).amax(1) for x in deltas
+            ]
+            shared = torch.stack(peaks).amax(0)
+            total = torch.zeros(n, dtype=torch.int64)
+            for w, x in enumerate(deltas):
+                q = ref.quantize(x, bits, d, "max", derive_seed(self._seed(w), PHASE_SEND), shared)
+                self.sent[w].append(ref.unpack_bits(q.packed, bits, n, torch.int64))
+                total += ref.levels(q)
+            step = (shared / s).repeat_interleave(d)[:n]
+            return total.to(torch.float32) * step / m
+        if self.mode == "allgather":
+            total = torch.zeros(n)
+            for w, x in enumerate(deltas):
+                q = ref.quantize(x, bits, d, "max", derive_seed(self._seed(w), PHASE_SEND))
+                self.sent[w].append(serialize(q))
+                total += ref.dequantize(q, torch.float32)
+            return total / m
+        if self.mode == "scatter-gather":
+            bounds = chunk_edges(n, m, d)
+            chunks = [  # chunks[w][j]: worker w's quantized chunk j
+                [
+                    ref.quantize(x[a:b], bits, d, "max", derive_seed(self._seed(w), PHASE_SEND, j))
+                    for j, (a, b) in enumerate(bounds)
+                ]
+                for w, x in enumerate(deltas)
+            ]
+            out = []
+            for j, (a, b) in enumerate(bounds):  # worker j reduces chunk j and requantizes it
+                total = torch.zeros(b - a)
+                for w in range(m):
+                    total += ref.dequantize(chunks[w][j], torch.float32)
+                seed = derive_seed(self._seed(j), PHASE_REQUANTIZE, j)
+                q2 = ref.quantize(total / m, bits, d, "max", seed)
+                self.sent[j] += [serialize(q) for q in chunks[j]] + [serialize(q2)]
+                out.append(ref.dequantize(q2, torch.float32))
+            return torch.cat(out)
+        raise ValueError(self.mode)

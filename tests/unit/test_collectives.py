@@ -1,0 +1,102 @@
+"""Pieces of the aggregations that need no Horovod: packing with headroom, chunking, framing, the
+cost model, the schedule and the seeds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hvd_qpr
+from hvd_qpr import collectives as C
+from hvd_qpr.schedule import SyncSchedule
+from hvd_qpr.seeds import derive_seed
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 64])
+def test_packed_words_sum_without_carries(bits, world):
+    s = 2 ** (bits - 1) - 1
+    width = C.field_width(s, world)
+    assert 2 * s * world < 2**width <= 4 * s * world
+    g = torch.Generator().manual_seed(bits * 100 + world)
+    n = 1013
+    fields = [torch.randint(0, 2 * s + 1, (n,), generator=g) for _ in range(world)]
+    fields[0][:50] = 2 * s  # the extreme: every worker at the top level
+    for f in fields[1:]:
+        f[:50] = 2 * s
+    words = sum(C.pack_words(f, width) for f in fields)
+    assert words.dtype == torch.int64 and (words >= 0).all()
+    assert torch.equal(C.unpack_words(words, width, n), sum(fields))
+    assert words.numel() == -(-n // (63 // width))
+
+
+def test_chunk_bounds_cover_whole_buckets():
+    for numel, parts, align in ((1, 4, 512), (1025, 2, 512), (10_000, 3, 7), (5, 8, 1)):
+        bounds = C.chunk_bounds(numel, parts, align)
+        assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == numel
+        for (a, b), (c, _) in zip(bounds, bounds[1:], strict=False):
+            assert b == c and a % align == 0 and a <= b
+
+
+def test_frames_round_trip_and_reject_garbage():
+    comp = hvd_qpr.Compression.qsgd(bits=4, bucket_size=10)
+    x = torch.randn(95)
+    bad = x.clone()
+    bad[3] = float("inf")
+    frames = [C._encode(comp, x, 1), C._encode(comp, bad, 1), C._encode(comp, x[:0], 1)]
+    assert not C._is_raw(frames[0]) and C._is_raw(frames[1])
+    parts = C._frames(torch.cat(frames), 3)
+    assert torch.equal(C._decode(comp, parts[0], 95), comp.decode(comp.encode(x, 1), 95))
+    assert torch.equal(C._decode(comp, parts[1], 95), bad)  # non-finite values travel raw
+    assert C._decode(comp, parts[2], 0).numel() == 0
+    with pytest.raises(ValueError, match="truncated"):
+        C._frames(torch.cat(frames)[:-1], 3)
+    with pytest.raises(ValueError, match="do not add up"):
+        C._frames(torch.cat(frames), 2)
+    wrong = parts[0].clone()
+    wrong[0] = 7
+    with pytest.raises(ValueError, match="unknown payload kind 7"):
+        C._decode(comp, wrong, 95)
+
+
+def test_cost_model_choices():
+    q4 = hvd_qpr.Compression.qsgd(bits=4)
+    n = 10**6
+    assert C.choose_aggregation(hvd_qpr.Compression.fp16, n, 8) == "allreduce"
+    assert C.choose_aggregation(q4, n, 2) == "allgather"  # one payload each way, one collective
+    assert C.choose_aggregation(q4, n, 4) == "packed-sum"
+    assert C.choose_aggregation(q4, n, 32) == "scatter-gather"  # fields too wide by then
+    assert C.choose_aggregation(hvd_qpr.Compression.qsgd(elias=True), n, 4) != "packed-sum"
+    assert "packed-sum" not in C.feasible_aggregations(hvd_qpr.Compression.qsgd(elias=True))
+    link = C.Link(bandwidth=1e6, latency=1.0)  # latency-bound: the fewest message steps wins
+    assert C.choose_aggregation(q4, 1000, 4, link) == "allgather"
+    for m in (2, 4, 16):
+        costs = {mode: C.estimate_seconds(mode, q4, n, m, C.Link()) for mode in C.AGGREGATIONS}
+        assert all(t > 0 for t in costs.values())
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        C.Link(bandwidth=0)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        C.estimate_seconds("ring", q4, n, 2, C.Link())
+
+
+def test_schedule():
+    s = SyncSchedule(local_steps=3, warmup_steps=2)
+    assert [s.averages_gradients(t) for t in range(4)] == [True, True, False, False]
+    assert not any(s.compresses_gradients(t) for t in range(5))
+    assert [s.syncs_after(c) for c in range(4)] == [False, False, False, True]
+    one = SyncSchedule(local_steps=1, warmup_steps=1)
+    assert [one.compresses_gradients(t) for t in range(3)] == [False, True, True]
+    assert not one.syncs_after(1)
+    with pytest.raises(ValueError, match="local_steps must be >= 1"):
+        SyncSchedule(local_steps=0)
+    with pytest.raises(TypeError, match="warmup_steps must be an int"):
+        SyncSchedule(warmup_steps=1.5)
+
+
+def test_seeds_are_distinct_and_pinned():
+    seeds = {derive_seed(0, r, t, b) for r in range(4) for t in range(50) for b in range(3)}
+    assert len(seeds) == 600
+    assert derive_seed(0, 1, 2) != derive_seed(0, 2, 1)
+    assert all(0 <= s < 2**64 for s in seeds)
+    assert derive_seed(7) == derive_seed(7)
+    assert derive_seed(0, 0, 0, 0) == 0x4534183A9817A9A3
