@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--aggregation", choices=["auto", *AGGREGATIONS], default="auto")
     p.add_argument("--error-feedback", action="store_true")
+    p.add_argument("--backward-passes-per-step", type=int, default=1)
+    p.add_argument("--op", choices=["average", "sum"], default="average", help="gradient reduction")
+    p.add_argument("--gradient-predivide-factor", type=float, default=1.0)
+    p.add_argument("--bucket-bytes", type=int, default=64 * 2**20, help="fused buffer size")
+    p.add_argument("--min-compress-numel", type=int, default=1024, help="smaller: uncompressed")
+    p.add_argument("--link-mbit", type=float, default=1000.0, help="link for aggregation=auto")
+    p.add_argument("--link-latency-us", type=float, default=100.0, help="link for aggregation=auto")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--lr", type=float, default=0.05)
@@ -86,8 +93,13 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         torch.nn.Linear(args.hidden, 10),
     )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    common = dict(
+        backward_passes_per_step=args.backward_passes_per_step,
+        op=hvd.Average if args.op == "average" else hvd.Sum,
+        gradient_predivide_factor=args.gradient_predivide_factor,
+    )
     if args.optimizer == "horovod":
-        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), **common)
         label = "hvd.DistributedOptimizer, fp32"
     else:
         kwargs = {}
@@ -106,6 +118,10 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
             error_feedback=args.error_feedback,
             seed=args.seed,
             named_buffers=model.named_buffers(),
+            bucket_bytes=args.bucket_bytes,
+            min_compress_numel=args.min_compress_numel,
+            link=hvd_qpr.Link(args.link_mbit * 1e6 / 8, args.link_latency_us * 1e-6),
+            **common,
         )
         name = f"qsgd {args.bits}-bit" if args.compression == "qsgd" else args.compression
         label = f"hvd_qpr K={args.local_steps}, {name}, {opt.aggregation}"
@@ -117,19 +133,25 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
     steps_per_epoch = len(shard) // args.batch_size
     g = torch.Generator().manual_seed(1000 + hvd.rank())
     start = time.perf_counter()
+    passes = args.backward_passes_per_step
     for epoch in range(args.epochs):
         model.train()
         perm = shard[torch.randperm(len(shard), generator=g)]
         for i in range(steps_per_epoch):
             batch = perm[i * args.batch_size : (i + 1) * args.batch_size]
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-            loss.backward()
+            for micro in batch.chunk(passes):  # gradients of the micro-batches accumulate
+                out = model(x_train[micro])
+                loss = torch.nn.functional.cross_entropy(out, y_train[micro]) / passes
+                loss.backward()
             opt.step()
             if args.optimizer == "horovod":
                 baseline_wire += ring_allreduce_wire_bytes(grad_bytes, hvd.size())
         progress(
-            epoch + 1, args.epochs, f"epoch {epoch + 1}/{args.epochs} loss {loss:.3f}", args.quiet
+            epoch + 1,
+            args.epochs,
+            f"epoch {epoch + 1}/{args.epochs} loss {float(loss) * passes:.3f}",
+            args.quiet,
         )
     if args.optimizer == "hvd_qpr":
         opt.sync_models()  # training ends with every rank holding the same model

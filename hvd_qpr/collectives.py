@@ -19,7 +19,8 @@ addressed to other ranks). :func:`choose_aggregation` is the cost model behind `
 
 Example:
     >>> comm = Comm(hvd.global_process_set)
-    >>> mean = run_pipelines([aggregate("packed-sum", x, qsgd, comm, "b0", seed=1)])[0]
+    >>> pipeline = aggregate("packed-sum", x, qsgd, comm, "b0", [("w", x.numel())], seed=1)
+    >>> mean = finish(pipeline)  # the same on every rank
 """
 
 from __future__ import annotations
@@ -189,18 +190,20 @@ def field_width(levels_max: int, world_size: int) -> int:
 
 
 def pack_words(fields: torch.Tensor, width: int) -> torch.Tensor:
-    """Non-negative int64 fields of width bits, 63 // width to a word, lowest field lowest."""
+    """Non-negative integer fields of width bits, 63 // width to an int64 word, lowest first."""
     per_word = _WORD_BITS // width
     n = fields.numel()
     padded = torch.cat([fields, fields.new_zeros(-n % per_word)]).view(-1, per_word)
-    shifts = torch.arange(0, per_word * width, width, dtype=torch.int64)
-    return (padded << shifts).sum(dim=1)
+    words = padded[:, 0].to(torch.int64)
+    for j in range(1, per_word):  # column by column: no int64 copy of all the fields
+        words |= padded[:, j].to(torch.int64) << (j * width)
+    return words
 
 
 def unpack_words(words: torch.Tensor, width: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_words`: the first numel fields."""
     per_word = _WORD_BITS // width
-    shifts = torch.arange(0, per_word * width, width, dtype=torch.int64)
+    shifts = torch.arange(0, per_word * width, width, dtype=torch.int64, device=words.device)
     return ((words[:, None] >> shifts) & ((1 << width) - 1)).reshape(-1)[:numel]
 
 
@@ -221,14 +224,15 @@ _KIND_RAW = 1
 
 
 def _frame(kind: int, body: torch.Tensor) -> torch.Tensor:
-    length = torch.tensor([body.numel()], dtype=torch.int64).view(torch.uint8)
-    return torch.cat([torch.tensor([kind], dtype=torch.uint8), length, body])
+    length = torch.tensor([body.numel()], dtype=torch.int64, device=body.device)
+    kind_byte = torch.tensor([kind], dtype=torch.uint8, device=body.device)
+    return torch.cat([kind_byte, length.view(torch.uint8), body])
 
 
 def _encode(compressor: Compressor, x: torch.Tensor, seed: int) -> torch.Tensor:
     """x as one frame: the compressor's payload, or raw float32 when x is not all finite."""
     if x.numel() == 0:
-        return _frame(_KIND_CODED, torch.zeros(0, dtype=torch.uint8))
+        return _frame(_KIND_CODED, x.new_zeros(0, dtype=torch.uint8))
     if not bool(torch.isfinite(x).all()):
         return _frame(_KIND_RAW, x.to(torch.float32).contiguous().view(torch.uint8))
     return _frame(_KIND_CODED, compressor.encode(x, seed))
@@ -252,7 +256,7 @@ def _decode(compressor: Compressor, frame: torch.Tensor, numel: int) -> torch.Te
     """A frame back to numel float32 values."""
     kind, body = int(frame[0]), frame[_FRAME_HEADER:]
     if numel == 0:
-        return torch.zeros(0)
+        return frame.new_zeros(0, dtype=torch.float32)
     if kind == _KIND_RAW:
         if body.numel() != 4 * numel:
             raise ValueError(f"hvd_qpr: a raw payload of {body.numel()} bytes for {numel} values")
@@ -303,11 +307,14 @@ def packed_sum(
     """Shared scales, integer fields with headroom, one ring all-reduce of int64 words."""
     m = comm.size
     x = compressor.add_residual(x, segments) if compressor.needs_residual else x
-    scales = compressor.bucket_scales(x)
-    finite = bool(torch.isfinite(scales).all())
+    finite = bool(torch.isfinite(x).all())
+    if finite:
+        scales = compressor.bucket_scales(x)
+    else:
+        nb = -(-x.numel() // compressor.bucket_size)
+        scales = x.new_zeros(nb, dtype=torch.float32)
     # the last element tells everyone whether some worker holds NaN or Inf
-    flagged = torch.cat([scales if finite else torch.zeros_like(scales), scales.new_ones(1)])
-    flagged[-1] = 0.0 if finite else 1.0
+    flagged = torch.cat([scales, scales.new_full((1,), 0.0 if finite else 1.0)])
     pending = comm.allreduce_(flagged, f"{name}.scales", op=hvd.Max)
     yield
     reduced = comm.wait(pending)
@@ -358,7 +365,7 @@ def scatter_gather(
     data, received_splits = received if isinstance(received, tuple) else (received, None)
     sizes = received_splits.tolist() if received_splits is not None else [splits[rank]] * m
     a, b = bounds[rank]
-    total = torch.zeros(b - a)
+    total = flat.new_zeros(b - a, dtype=torch.float32)
     for part in data.split(sizes):
         total += _decode(compressor, part, b - a)
     reduced = total / m if average else total
@@ -389,7 +396,7 @@ def allgather(
     decoded = [_decode(compressor, f, n) for f in _frames(comm.wait(pending), m)]
     if compressor.needs_residual and not _is_raw(frame):
         compressor.store_residual(x, decoded[comm.rank], segments)
-    total = torch.zeros(n)
+    total = x.new_zeros(n, dtype=torch.float32)
     for part in decoded:
         total += part
     return total / m if average else total

@@ -152,20 +152,14 @@ class QSGDCompressor(Compressor):
     # -- shared scales (packed-sum) ----------------------------------------------------------------
 
     def bucket_scales(self, x: torch.Tensor) -> torch.Tensor:
-        """This worker's scale of each bucket (float32), at least every |value| in the bucket."""
-        n = x.numel()
-        flat = x.reshape(-1).to(torch.float32)
-        nb = -(-n // self.bucket_size)
-        buckets = torch.cat([flat, flat.new_zeros(nb * self.bucket_size - n)]).view(nb, -1)
-        scales = buckets.abs().amax(dim=1)
-        if self.norm == "l2":  # the max keeps a rounded-down norm of a single value valid
-            scales = torch.maximum(scales, torch.linalg.vector_norm(buckets, dim=1))
-        return scales
+        """This worker's scale of each bucket (float32): its largest magnitude, or its l2 norm,
+        as the quantizer computes them (so each is at least every |value| in its bucket)."""
+        return ops.quantize(x, self.bits, self.bucket_size, self.norm, 0).scales
 
     def quantize_fields(self, x: torch.Tensor, scales: torch.Tensor, seed: int) -> torch.Tensor:
-        """Fields ``level + s`` (int64, in 0..2s) of x quantized against agreed scales."""
+        """Fields ``level + s`` (uint8, in 0..2s) of x quantized against agreed scales."""
         q = ops.quantize(x, self.bits, self.bucket_size, self.norm, seed, scales=scales)
-        return ops.unpack_bits(q.packed, self.bits, x.numel(), torch.int64)
+        return ops.unpack_bits(q.packed, self.bits, x.numel(), torch.uint8)
 
     def dequantize_field_sum(
         self, field_sum: torch.Tensor, count: int, scales: torch.Tensor
@@ -173,4 +167,5 @@ class QSGDCompressor(Compressor):
         """Sum over count workers of their dequantized values, from the sum of their fields."""
         step = scales / self.levels_max  # one float32 division per bucket, as the kernels
         per_value = step.repeat_interleave(self.bucket_size)[: field_sum.numel()]
-        return (field_sum - count * self.levels_max).to(torch.float32) * per_value
+        # exact: sums of fields stay far below 2**24
+        return (field_sum.to(torch.float32) - count * self.levels_max) * per_value

@@ -157,7 +157,7 @@ class Simulation:
             total = torch.zeros(n, dtype=torch.int64)
             for w, x in enumerate(deltas):
                 q = ref.quantize(x, bits, d, "max", derive_seed(self._seed(w), PHASE_SEND), shared)
-                self.sent[w].append(ref.unpack_bits(q.packed, bits, n, torch.int64))
+                self.sent[w].append(ref.unpack_bits(q.packed, bits, n, torch.uint8))
                 total += ref.levels(q)
             step = (shared / s).repeat_interleave(d)[:n]
             return total.to(torch.float32) * step / m

@@ -132,7 +132,7 @@ def test_shared_scale_fields_sum():
     shared = torch.stack([c.bucket_scales(x) for x in xs]).amax(0)
     fields = [c.quantize_fields(x, shared, seed=i) for i, x in enumerate(xs)]
     assert all(int(f.min()) >= 0 and int(f.max()) <= 2 * c.levels_max for f in fields)
-    total = c.dequantize_field_sum(sum(fields), 3, shared)
+    total = c.dequantize_field_sum(sum(f.long() for f in fields), 3, shared)
     each = sum(c.dequantize_field_sum(f, 1, shared) for f in fields)
     assert torch.allclose(total, each, rtol=1e-6, atol=1e-7)
     l2 = QSGDCompressor(bits=3, bucket_size=50, norm="l2")
