@@ -160,9 +160,9 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     if args.optimizer == "horovod":
-        wire = baseline_wire
+        wire, waited = baseline_wire, float("nan")
     else:
-        wire = opt.comm_stats()["wire_bytes"]
+        wire, waited = opt.comm_stats()["wire_bytes"], opt.comm_stats()["wait_seconds"]
     return {
         "method": label,
         "workers": hvd.size(),
@@ -170,6 +170,7 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         "steps": args.epochs * steps_per_epoch,
         "wall_seconds": wall,
         "wire_bytes_per_worker": wire,
+        "wait_seconds": waited,
         "test_accuracy": accuracy,
     }
 
