@@ -47,6 +47,7 @@ REQUIREMENTS=(
     "packaging"
     "cffi"
     "scikit-learn"
+    "matplotlib"
 )
 
 log() { printf '[install] %s\n' "$*"; }

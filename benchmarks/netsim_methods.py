@@ -1,0 +1,139 @@
+"""The training methods the bandwidth-limited benchmark compares, in one registry.
+
+A method is a typed description of how gradients or models are averaged; ``wrap`` turns a torch
+optimizer into the distributed one. Later methods (gossip, Overlap-Local-SGD, sparsifiers)
+register here instead of copying the harness.
+
+Example:
+    >>> m = method("qpr-4bit-packed-sum", local_steps=8)
+    >>> m.spec()["aggregation"]
+    'packed-sum'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import horovod.torch as hvd
+import torch
+
+import hvd_qpr
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How one run averages.
+
+    Attributes:
+        name: registry name.
+        optimizer: ``"horovod"`` (plain ``hvd.DistributedOptimizer``) or ``"hvd_qpr"``.
+        compression: ``"none"``, ``"fp16"`` or ``"qsgd"``.
+        bits: QSGD bits a level.
+        elias: Elias-code the QSGD levels.
+        local_steps: K (1: gradients averaged every step).
+        aggregation: hvd_qpr's aggregation (``"auto"`` or a mode).
+        error_feedback: wrap the compressor in ErrorFeedback.
+        uses_k: whether the harness's ``--local-steps`` (QPR) or ``--pr-local-steps`` (PR)
+            sets K: ``"qpr"``, ``"pr"`` or ``""`` (K stays as given).
+    """
+
+    name: str
+    optimizer: str
+    compression: str = "none"
+    bits: int | None = None
+    elias: bool = False
+    local_steps: int = 1
+    aggregation: str = "auto"
+    error_feedback: bool = False
+    uses_k: str = ""
+
+    def with_local_steps(self, qpr_k: int, pr_k: int) -> Method:
+        k = {"qpr": qpr_k, "pr": pr_k}.get(self.uses_k, self.local_steps)
+        return dataclasses.replace(self, local_steps=k)
+
+    def compressor(self) -> object:
+        if self.compression == "qsgd":
+            return hvd_qpr.Compression.qsgd(bits=self.bits, elias=self.elias)
+        return hvd_qpr.Compression.from_name(self.compression)
+
+    def wrap(
+        self,
+        opt: torch.optim.Optimizer,
+        model: torch.nn.Module,
+        link: hvd_qpr.Link,
+    ) -> torch.optim.Optimizer:
+        """The distributed optimizer of this method around opt."""
+        if self.optimizer == "horovod":
+            compression = hvd.Compression.fp16 if self.compression == "fp16" else None
+            return hvd.DistributedOptimizer(
+                opt,
+                named_parameters=model.named_parameters(),
+                compression=compression or hvd.Compression.none,
+            )
+        return hvd_qpr.DistributedOptimizer(
+            opt,
+            named_parameters=model.named_parameters(),
+            compression=self.compressor(),
+            local_steps=self.local_steps,
+            aggregation=self.aggregation,
+            error_feedback=self.error_feedback,
+            named_buffers=model.named_buffers(),
+            link=link,
+        )
+
+    def spec(self, resolved_aggregation: str | None = None) -> dict[str, object]:
+        """The method as JSON-ready fields (aggregation resolved when given)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("uses_k")
+        if self.optimizer == "horovod":
+            fields["aggregation"] = "allreduce"
+        elif resolved_aggregation is not None:
+            fields["aggregation"] = resolved_aggregation
+        return fields
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(m: Method) -> Method:
+    """Adds a method to the registry (names are unique)."""
+    if m.name in _METHODS:
+        raise ValueError(f"a method named {m.name!r} is already registered")
+    _METHODS[m.name] = m
+    return m
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)
+
+
+def method(name: str, local_steps: int | None = None) -> Method:
+    """A registered method; ValueError listing the names when unknown."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods: {method_names()}")
+    m = _METHODS[name]
+    return m if local_steps is None else dataclasses.replace(m, local_steps=local_steps)
+
+
+def methods(names: Iterable[str], qpr_k: int, pr_k: int) -> list[Method]:
+    """The named methods with K set from the harness's flags."""
+    return [method(n).with_local_steps(qpr_k, pr_k) for n in names]
+
+
+def _register_defaults(add: Callable[[Method], Method]) -> None:
+    add(Method("parallel-sgd", "horovod"))
+    add(Method("fp16", "horovod", compression="fp16"))
+    add(Method("pr-sgd", "hvd_qpr", uses_k="pr"))
+    for bits in (4, 2):
+        for mode in ("auto", "packed-sum", "scatter-gather", "allgather"):
+            add(
+                Method(
+                    f"qpr-{bits}bit-{mode}", "hvd_qpr", "qsgd", bits, aggregation=mode, uses_k="qpr"
+                )
+            )
+        add(Method(f"qpr-{bits}bit-elias", "hvd_qpr", "qsgd", bits, elias=True, uses_k="qpr"))
+        add(Method(f"qpr-{bits}bit-ef", "hvd_qpr", "qsgd", bits, error_feedback=True, uses_k="qpr"))
+
+
+_register_defaults(register_method)

@@ -1,0 +1,680 @@
+"""Scale projections of (Q)PR-SGD from the cost model behind ``aggregation="auto"``.
+
+DESIGN.md 2.3 describes the cost model in :mod:`hvd_qpr.collectives` (bytes on the wire, number of
+collectives, latency and bandwidth per link) that chooses an aggregation mode; it is "also what the
+scale projections in benchmarks use". This script feeds that model with measured kernel
+throughput (``benchmarks/kernels.py`` JSON) and a link (bandwidth, latency), and predicts one
+synchronization round and one epoch of each method for M = 2 .. 1024 workers at 1, 10 and
+100 Gbit/s:
+
+* ``round = K * compute_per_step + codec + comm``, where ``comm`` is
+  :func:`hvd_qpr.collectives.estimate_seconds` of the mode and compressor, and ``codec`` the
+  quantize / dequantize passes that mode performs (:data:`CODEC_PASSES`) at the measured
+  single-thread native throughput;
+* ``epoch = dataset_steps / M / K * round``: a fixed dataset of ``dataset_steps`` mini-batches is
+  split among M workers.
+
+It then checks the model against the network-simulation harness (``netsim_*.json``: measured
+seconds per step at M = 2 and 4) and reports the prediction error, and plots the projections.
+
+Inputs and outputs (``--out-dir``): ``scale_model.json`` (every prediction and the validation),
+``scale_epoch_{1,10,100}gbit.png`` (epoch time against M, log-log),
+``scale_model_validation.md`` (when harness results exist) and, with ``--markdown``, a report
+section (:func:`markdown_report`).
+
+Example::
+
+    python benchmarks/scale_model.py --markdown benchmarks/results/scale_model.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hvd_qpr.collectives import Link, choose_aggregation, estimate_seconds, feasible_aggregations
+from hvd_qpr.compression import Compression, Compressor
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORKERS: tuple[int, ...] = tuple(2**k for k in range(1, 11))
+BANDWIDTHS_GBIT: tuple[float, ...] = (1.0, 10.0, 100.0)
+REPORT_WORKERS: tuple[int, ...] = (2, 16, 128, 1024)
+QPR_MODES: tuple[str, ...] = ("packed-sum", "scatter-gather", "allgather", "auto")
+# Used when neither a harness result nor a flag gives them: ResNet-50 on ImageNet, 32 images a
+# worker and step (1,281,167 images), 100 ms a step.
+DEFAULT_PARAMETERS = 25_557_032
+DEFAULT_DATASET_STEPS = 40_037
+DEFAULT_COMPUTE_MS = 100.0
+DEFAULT_LATENCY_US = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One training method, as the harness's ``spec`` records it.
+
+    Attributes:
+        optimizer: ``"horovod"`` or ``"hvd_qpr"``.
+        compression: ``"none"``, ``"fp16"``, ``"bf16"`` or ``"qsgd"``.
+        bits: QSGD bits a value (None otherwise).
+        elias: whether QSGD levels are Elias-coded.
+        local_steps: K, local steps between synchronizations.
+        aggregation: one of :data:`hvd_qpr.collectives.AGGREGATIONS` or ``"auto"``.
+        error_feedback: whether residuals are fed back (one more decode in some modes).
+
+    Example:
+        >>> Spec.from_dict({"compression": "qsgd", "bits": 4, "local_steps": 8}).bits
+        4
+    """
+
+    optimizer: str = "hvd_qpr"
+    compression: str = "none"
+    bits: int | None = None
+    elias: bool = False
+    local_steps: int = 1
+    aggregation: str = "allreduce"
+    error_feedback: bool = False
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> Spec:
+        """The spec of a harness method (unknown keys ignored, missing ones defaulted)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in spec.items() if k in names and v is not None})
+
+
+# The projected methods: (name, spec); the QPR-SGD rows are expanded over QPR_MODES.
+METHODS: tuple[tuple[str, Spec], ...] = (
+    ("parallel SGD fp32", Spec(optimizer="horovod")),
+    ("parallel SGD fp16", Spec(optimizer="horovod", compression="fp16")),
+    ("PR-SGD", Spec(local_steps=8)),
+    ("QPR-SGD 4-bit", Spec(compression="qsgd", bits=4, local_steps=8)),
+    ("QPR-SGD 2-bit", Spec(compression="qsgd", bits=2, local_steps=8)),
+)
+
+# Codec work of one round per mode, in multiples of n values, as functions of M and error
+# feedback: (quantize only, quantize + encode, decode), where encode/decode include the Elias
+# coder when the spec has one. packed-sum quantizes twice (once for this worker's bucket scales,
+# once against the agreed ones) and decodes the summed fields once; scatter-gather encodes n and
+# requantizes its n/M chunk, decodes n received and n gathered values; allgather decodes all M
+# payloads. With error feedback packed-sum and scatter-gather decode their own payload too.
+CODEC_PASSES: dict[str, Callable[[int, bool], tuple[float, float, float]]] = {
+    "allreduce": lambda m, ef: (0.0, 0.0, 0.0),
+    "packed-sum": lambda m, ef: (1.0, 1.0, 1.0 + ef),
+    "scatter-gather": lambda m, ef: (0.0, 1.0 + 1.0 / m, 2.0 + ef),
+    "allgather": lambda m, ef: (0.0, 1.0, float(m)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelThroughput:
+    """Seconds per value of each kernel at each bit width (native, one thread).
+
+    Attributes:
+        per_value: ``{op: {bits: seconds per value}}``.
+        source: where the numbers come from.
+
+    Example:
+        >>> kt = KernelThroughput({"quantize": {2: 0.25, 4: 0.75}})
+        >>> kt.seconds("quantize", 3, 2)
+        1.0
+    """
+
+    per_value: dict[str, dict[int, float]]
+    source: str = ""
+
+    def seconds(self, op: str, bits: int, numel: float) -> float:
+        """Seconds to run op on numel values at bits (linear in bits between measured widths,
+        the nearest measured width outside them).
+
+        Raises:
+            ValueError: op was not measured.
+        """
+        table = self.per_value.get(op)
+        if not table:
+            raise ValueError(f"no native single-thread {op!r} records in {self.source or 'input'}")
+        known = sorted(table)
+        lo = max([b for b in known if b <= bits], default=known[0])
+        hi = min([b for b in known if b >= bits], default=known[-1])
+        if lo == hi:
+            return table[lo] * numel
+        t = (bits - lo) / (hi - lo)
+        return ((1 - t) * table[lo] + t * table[hi]) * numel
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one training run costs apart from communication.
+
+    Attributes:
+        parameters: n, values synchronized a round.
+        compute_per_step: seconds of one local step (forward, backward, update).
+        dataset_steps: mini-batches in one pass over the data for one worker alone.
+        latency: seconds per message step of a collective.
+        source: where the numbers come from.
+    """
+
+    parameters: int = DEFAULT_PARAMETERS
+    compute_per_step: float = DEFAULT_COMPUTE_MS / 1e3
+    dataset_steps: float = DEFAULT_DATASET_STEPS
+    latency: float = DEFAULT_LATENCY_US / 1e6
+    source: str = "defaults"
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """One predicted synchronization round and epoch (all times in seconds).
+
+    Attributes:
+        mode: the aggregation requested; ``chosen`` is what runs (differs for ``"auto"``).
+    """
+
+    method: str
+    mode: str
+    chosen: str
+    workers: int
+    bandwidth_gbit: float
+    local_steps: int
+    compute_seconds: float
+    codec_seconds: float
+    comm_seconds: float
+    round_seconds: float
+    epoch_seconds: float
+
+
+def load_kernel_throughput(path: str | Path) -> KernelThroughput:
+    """Seconds per value of each native kernel, from ``benchmarks/kernels.py`` JSON records.
+
+    Uses the native records at one thread (the fewest threads measured if none has one) and, per
+    op and bit width, the largest numel (the cache-cold, streaming rate).
+
+    Args:
+        path: the kernel benchmark JSON (a list of records).
+
+    Returns:
+        Per-op, per-bits seconds a value.
+
+    Example:
+        >>> kt = load_kernel_throughput("benchmarks/results/kernels_cpu.json")
+        >>> sorted(kt.per_value["quantize"])
+        [2, 4, 8]
+    """
+    records = [r for r in json.loads(Path(path).read_text()) if r.get("impl") == "native"]
+    if not records:
+        raise ValueError(f"{path}: no native kernel records")
+    threads = min(r["threads"] for r in records)
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in records:
+        if r.get("bits") is None:
+            continue
+        key = (r["op"], int(r["bits"]))
+        if r["threads"] == threads and (key not in best or r["numel"] > best[key]["numel"]):
+            best[key] = r
+    per_value: dict[str, dict[int, float]] = {}
+    for (op, bits), r in best.items():
+        per_value.setdefault(op, {})[bits] = r["seconds"] / r["numel"]
+    return KernelThroughput(per_value, str(path))
+
+
+def build_compressor(spec: Spec) -> Compressor:
+    """The compressor a spec names (Horovod's fp16 sends what ``Compression.fp16`` sends).
+
+    Example:
+        >>> build_compressor(Spec(compression="qsgd", bits=2)).payload_bytes(512)
+        132.0
+    """
+    if spec.compression == "qsgd":
+        return Compression.qsgd(bits=spec.bits or 4, elias=spec.elias)
+    if spec.compression in ("none", "fp16", "bf16"):
+        return getattr(Compression, spec.compression)
+    raise ValueError(f"unknown compression {spec.compression!r}")
+
+
+def resolve_mode(spec: Spec, compressor: Compressor, numel: int, workers: int, link: Link) -> str:
+    """The aggregation that runs: ``"auto"`` resolved by the optimizer's own cost model.
+
+    Raises:
+        ValueError: the mode is not feasible for the compressor.
+
+    Example:
+        >>> resolve_mode(Spec(), Compression.none, 10**6, 4, Link())
+        'allreduce'
+    """
+    if spec.aggregation == "auto":
+        return choose_aggregation(compressor, numel, workers, link)
+    if spec.aggregation not in feasible_aggregations(compressor):
+        raise ValueError(f"aggregation {spec.aggregation!r} is not feasible for {compressor}")
+    return spec.aggregation
+
+
+def codec_seconds(
+    mode: str, spec: Spec, numel: int, workers: int, throughput: KernelThroughput
+) -> float:
+    """Seconds one worker spends quantizing and decoding in one round (:data:`CODEC_PASSES`).
+
+    Example:
+        >>> kt = KernelThroughput({"quantize": {4: 1e-9}, "dequantize": {4: 1e-9}})
+        >>> codec_seconds("allgather", Spec(compression="qsgd", bits=4), 1000, 4, kt)
+        5e-06
+    """
+    quantize_only, encoded, decoded = CODEC_PASSES[mode](workers, spec.error_feedback)
+    if spec.compression != "qsgd" or encoded + decoded == 0:
+        return 0.0
+    bits = spec.bits or 4
+    encode = throughput.seconds("quantize", bits, numel)
+    decode = throughput.seconds("dequantize", bits, numel)
+    plain = encode
+    if spec.elias:
+        encode += throughput.seconds("elias_encode", bits, numel)
+        decode += throughput.seconds("elias_decode", bits, numel)
+    return quantize_only * plain + encoded * encode + decoded * decode
+
+
+def predict_round(
+    name: str,
+    spec: Spec,
+    workers: int,
+    link: Link,
+    workload: Workload,
+    throughput: KernelThroughput,
+) -> Prediction:
+    """One synchronization round (K local steps, codec, communication) and the epoch it implies.
+
+    Args:
+        name: the method's name, carried into the result.
+        spec: what runs.
+        workers: M.
+        link: bandwidth (bytes/s) and latency of each worker's link.
+        workload: parameters, compute per step, dataset size.
+        throughput: kernel seconds per value.
+
+    Returns:
+        The prediction; ``epoch_seconds = dataset_steps / M / K * round_seconds``.
+
+    Example:
+        >>> kt = KernelThroughput({"quantize": {4: 1e-9}, "dequantize": {4: 1e-9}})
+        >>> p = predict_round("PR-SGD", Spec(local_steps=8), 4, Link(), Workload(), kt)
+        >>> p.compute_seconds
+        0.8
+    """
+    n = workload.parameters
+    compressor = build_compressor(spec)
+    chosen = resolve_mode(spec, compressor, n, workers, link)
+    compute = spec.local_steps * workload.compute_per_step
+    codec = codec_seconds(chosen, spec, n, workers, throughput)
+    comm = estimate_seconds(chosen, compressor, n, workers, link)
+    round_seconds = compute + codec + comm
+    rounds = workload.dataset_steps / workers / spec.local_steps
+    return Prediction(
+        method=name,
+        mode=spec.aggregation,
+        chosen=chosen,
+        workers=workers,
+        bandwidth_gbit=round(link.bandwidth * 8 / 1e9, 9),
+        local_steps=spec.local_steps,
+        compute_seconds=compute,
+        codec_seconds=codec,
+        comm_seconds=comm,
+        round_seconds=round_seconds,
+        epoch_seconds=rounds * round_seconds,
+    )
+
+
+def projected_methods() -> list[tuple[str, Spec]]:
+    """:data:`METHODS` with each quantized method under every mode of :data:`QPR_MODES`.
+
+    Example:
+        >>> len(projected_methods())
+        11
+    """
+    out: list[tuple[str, Spec]] = []
+    for name, spec in METHODS:
+        modes = QPR_MODES if spec.compression == "qsgd" else (spec.aggregation,)
+        out += [(name, dataclasses.replace(spec, aggregation=mode)) for mode in modes]
+    return out
+
+
+def sweep(
+    workload: Workload,
+    throughput: KernelThroughput,
+    workers: Sequence[int] = WORKERS,
+    bandwidths_gbit: Sequence[float] = BANDWIDTHS_GBIT,
+) -> list[Prediction]:
+    """Predictions of every projected method at every M and bandwidth.
+
+    Example:
+        >>> kt = load_kernel_throughput("benchmarks/results/kernels_cpu.json")
+        >>> len(sweep(Workload(), kt))
+        330
+    """
+    return [
+        predict_round(name, spec, m, Link(gbit * 1e9 / 8, workload.latency), workload, throughput)
+        for gbit in bandwidths_gbit
+        for name, spec in projected_methods()
+        for m in workers
+    ]
+
+
+# ---- harness results ----------------------------------------------------------------------------
+
+
+def load_harness(pattern: str) -> list[tuple[str, dict[str, Any]]]:
+    """The harness results matching a glob, as (path, contents), sorted by path.
+
+    Example:
+        >>> load_harness("/nonexistent/netsim_*.json")
+        []
+    """
+    return [(p, json.loads(Path(p).read_text())) for p in sorted(glob.glob(pattern))]
+
+
+def baseline_compute_per_step(result: dict[str, Any]) -> float | None:
+    """Compute seconds a step of the harness's parallel-SGD method (fp32, K = 1; else any K = 1
+    method, else any), or None when no method reports compute time.
+
+    Example:
+        >>> spec = {"compression": "none", "local_steps": 1}
+        >>> r = {"methods": {"p": {"spec": spec, "steps": 10, "compute_seconds": 2.0}}}
+        >>> baseline_compute_per_step(r)
+        0.2
+    """
+    methods = [m for m in result.get("methods", {}).values() if m.get("steps")]
+    methods = [m for m in methods if m.get("compute_seconds") is not None]
+
+    def rank(m: dict[str, Any]) -> tuple[bool, bool, bool]:
+        spec = Spec.from_dict(m.get("spec", {}))
+        return (spec.local_steps != 1, spec.compression != "none", spec.optimizer != "horovod")
+
+    if not methods:
+        return None
+    best = min(methods, key=rank)
+    return best["compute_seconds"] / best["steps"]
+
+
+def workload_from_harness(
+    result: dict[str, Any] | None,
+    parameters: int | None = None,
+    compute_ms: float | None = None,
+    dataset_steps: float | None = None,
+    latency_us: float = DEFAULT_LATENCY_US,
+) -> Workload:
+    """The workload: flags first, then the harness result, then the defaults.
+
+    Example:
+        >>> workload_from_harness(None, compute_ms=20.0).compute_per_step
+        0.02
+    """
+    config = (result or {}).get("config", {})
+    compute = baseline_compute_per_step(result) if result else None
+    harness_steps = None
+    if config.get("steps_per_epoch") and config.get("workers"):
+        harness_steps = config["steps_per_epoch"] * config["workers"]
+    return Workload(
+        parameters=int(parameters or config.get("parameters") or DEFAULT_PARAMETERS),
+        compute_per_step=(
+            compute_ms / 1e3 if compute_ms is not None else compute or DEFAULT_COMPUTE_MS / 1e3
+        ),
+        dataset_steps=float(dataset_steps or harness_steps or DEFAULT_DATASET_STEPS),
+        latency=latency_us / 1e6,
+        source=config.get("workload", "defaults") if result else "defaults",
+    )
+
+
+def validate(
+    result: dict[str, Any],
+    throughput: KernelThroughput,
+    latency_us: float = DEFAULT_LATENCY_US,
+    compute_ms: float | None = None,
+) -> list[dict[str, Any]]:
+    """Predicted against measured seconds a step for every method of one harness result.
+
+    The prediction uses the result's own M, bandwidth, n, K and mode, and the compute time a
+    step of its parallel-SGD method (``compute_ms`` when it reports none); a step costs
+    ``round / K``.
+
+    Returns:
+        One row per method: method, mode, workers, bandwidth_mbit, predicted and measured seconds
+        a step, and ``error_pct = 100 * (predicted - measured) / measured``.
+
+    Example:
+        >>> result = json.loads(Path("benchmarks/results/netsim_m2.json").read_text())
+        >>> rows = validate(result, kt)
+        >>> rows[0]["workers"], rows[0]["bandwidth_mbit"]
+        (2, 1000.0)
+    """
+    config = result["config"]
+    own = baseline_compute_per_step(result)
+    workload = workload_from_harness(
+        result, compute_ms=None if own is not None else compute_ms, latency_us=latency_us
+    )
+    link = Link(config["bandwidth_mbit"] * 1e6 / 8, workload.latency)
+    rows = []
+    for name, method in result["methods"].items():
+        if not method.get("steps"):  # stopped before its first step: nothing measured
+            continue
+        spec = Spec.from_dict(method["spec"])
+        p = predict_round(name, spec, config["workers"], link, workload, throughput)
+        predicted = p.round_seconds / spec.local_steps
+        measured = method["wall_seconds"] / method["steps"]
+        rows.append(
+            {
+                "method": name,
+                "mode": spec.aggregation,
+                "chosen": p.chosen,
+                "workers": config["workers"],
+                "bandwidth_mbit": config["bandwidth_mbit"],
+                "predicted_s_per_step": predicted,
+                "measured_s_per_step": measured,
+                "error_pct": 100.0 * (predicted - measured) / measured,
+            }
+        )
+    return rows
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+
+def validation_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The validation rows as a markdown table.
+
+    Example:
+        >>> validation_table([]).splitlines()[0]
+        '| method | mode | M | bandwidth (Mbit/s) | predicted s/step | measured s/step | error % |'
+    """
+    lines = [
+        "| method | mode | M | bandwidth (Mbit/s) | predicted s/step | measured s/step | error % |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mode = r["mode"] if r["mode"] == r["chosen"] else f"{r['mode']} ({r['chosen']})"
+        lines.append(
+            f"| {r['method']} | {mode} | {r['workers']} | {r['bandwidth_mbit']:g} | "
+            f"{r['predicted_s_per_step']:.4g} | {r['measured_s_per_step']:.4g} | "
+            f"{r['error_pct']:+.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def projection_table(
+    predictions: Sequence[Prediction], workers: Sequence[int] = REPORT_WORKERS
+) -> str:
+    """Epoch seconds of each method and mode at a few M, for each bandwidth (markdown).
+
+    Example:
+        >>> projection_table(sweep(Workload(), kt)).splitlines()[0][:30]
+        '| method | mode | 1G M=2 | 1G M'
+    """
+    bandwidths = sorted({p.bandwidth_gbit for p in predictions})
+    index = {(p.method, p.mode, p.bandwidth_gbit, p.workers): p for p in predictions}
+    columns = [(g, m) for g in bandwidths for m in workers]
+    head = " | ".join(f"{g:g}G M={m}" for g, m in columns)
+    lines = [f"| method | mode | {head} |", "|---|---|" + "---:|" * len(columns)]
+    rows = dict.fromkeys((p.method, p.mode) for p in predictions)
+    for method, mode in rows:
+        cells = []
+        for g, m in columns:
+            p = index.get((method, mode, g, m))
+            cells.append(f"{p.epoch_seconds:.3g}" if p else "")
+        lines.append(f"| {method} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(
+    predictions: Sequence[Prediction],
+    validation: Sequence[dict[str, Any]],
+    workload: Workload,
+) -> str:
+    """A markdown section: the projection table and the validation table.
+
+    Example:
+        >>> markdown_report(sweep(Workload(), kt), [], Workload()).splitlines()[0]
+        '### Scale projections (cost model, DESIGN.md 2.3)'
+    """
+    parts = [
+        "### Scale projections (cost model, DESIGN.md 2.3)",
+        "",
+        f"Epoch seconds of {workload.source}: n = {workload.parameters:,} parameters, "
+        f"{workload.compute_per_step * 1e3:.3g} ms compute a step, "
+        f"{workload.dataset_steps:,.0f} mini-batches an epoch split among M workers, "
+        f"{workload.latency * 1e6:g} us latency; QPR-SGD and PR-SGD with K = 8.",
+        "",
+        projection_table(predictions),
+        "",
+        "#### Validation against the harness (seconds a step)",
+        "",
+    ]
+    if validation:
+        errors = [abs(r["error_pct"]) for r in validation]
+        parts += [
+            validation_table(validation),
+            "",
+            f"Mean absolute error {sum(errors) / len(errors):.1f} %, largest {max(errors):.1f} %.",
+        ]
+    else:
+        parts.append("No harness results (netsim_*.json) yet: not validated.")
+    return "\n".join(parts) + "\n"
+
+
+def line_style(method: str, mode: str) -> dict[str, Any]:
+    """Colour by method, line style by aggregation mode."""
+    colours = {name: f"C{i}" for i, (name, _) in enumerate(METHODS)}
+    dashes = {"allreduce": "-", "packed-sum": "-", "scatter-gather": "--", "allgather": ":"}
+    style = {"color": colours.get(method, "k"), "linestyle": dashes.get(mode, "-")}
+    if mode == "auto":  # a wide pale band under the mode it picks
+        style.update(linewidth=6, alpha=0.25, marker=None)
+    return style
+
+
+def plot_projections(predictions: Sequence[Prediction], out_dir: Path) -> list[Path]:
+    """One log-log plot of epoch seconds against M for each bandwidth; the PNG paths.
+
+    Example:
+        >>> plot_projections(sweep(Workload(), kt), Path("/tmp"))[0].name
+        'scale_epoch_1gbit.png'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for gbit in sorted({p.bandwidth_gbit for p in predictions}):
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        lines: dict[tuple[str, str], list[Prediction]] = {}
+        for p in predictions:
+            if p.bandwidth_gbit == gbit:
+                lines.setdefault((p.method, p.mode), []).append(p)
+        for (method, mode), points in lines.items():
+            points.sort(key=lambda p: p.workers)
+            label = method if mode == "allreduce" else f"{method}, {mode}"
+            xs, ys = [p.workers for p in points], [p.epoch_seconds for p in points]
+            style = {"marker": "o", "markersize": 3, **line_style(method, mode)}
+            ax.plot(xs, ys, label=label, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("workers M")
+        ax.set_ylabel("epoch seconds (predicted)")
+        ax.set_title(f"Projected epoch time at {gbit:g} Gbit/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = out_dir / f"scale_epoch_{gbit:g}gbit.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kernels", default=str(RESULTS / "kernels_cpu.json"))
+    parser.add_argument("--netsim", default=str(RESULTS / "netsim_*.json"), help="glob")
+    parser.add_argument("--parameters", type=int, help="n (default: harness, else ResNet-50)")
+    parser.add_argument("--compute-ms", type=float, help="compute a local step (default: harness)")
+    parser.add_argument("--dataset-steps", type=float, help="mini-batches an epoch at M = 1")
+    parser.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US)
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--markdown", help="also write the report section here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Projects, validates, plots and writes the results; 0 on success.
+
+    Example:
+        >>> main(["--out-dir", "/tmp/scale", "--compute-ms", "50"])
+        0
+    """
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    throughput = load_kernel_throughput(args.kernels)
+    harness = load_harness(args.netsim)
+    workload = workload_from_harness(
+        harness[0][1] if harness else None,
+        args.parameters,
+        args.compute_ms,
+        args.dataset_steps,
+        args.latency_us,
+    )
+    predictions = sweep(workload, throughput)
+    validation = [
+        row for _, r in harness for row in validate(r, throughput, args.latency_us, args.compute_ms)
+    ]
+    if validation:
+        table = validation_table(validation)
+        print(table)
+        (out_dir / "scale_model_validation.md").write_text(table + "\n")
+    else:
+        print(f"note: no harness results match {args.netsim}; validation skipped")
+    document = {
+        "inputs": {
+            "kernels": args.kernels,
+            "netsim": [p for p, _ in harness],
+            "workload": dataclasses.asdict(workload),
+            "kernel_seconds_per_value": throughput.per_value,
+        },
+        "predictions": [dataclasses.asdict(p) for p in predictions],
+        "validation": validation,
+    }
+    (out_dir / "scale_model.json").write_text(json.dumps(document, indent=1) + "\n")
+    for path in plot_projections(predictions, out_dir):
+        print(f"wrote {path}")
+    report = markdown_report(predictions, validation, workload)
+    if args.markdown:
+        Path(args.markdown).write_text(report)
+    print(projection_table(predictions))
+    return 0 if all(math.isfinite(p.round_seconds) for p in predictions) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
