@@ -11,7 +11,7 @@ PY_SRC := $(wildcard hvd_qpr tests benchmarks examples setup.py)
 CXX_SRC := $(sort $(shell find csrc tests/native -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' \
 	-o -name '*.cuh' -o -name '*.inc' \) 2>/dev/null))
 
-.PHONY: install test lint format bench demo clean
+.PHONY: install test lint format bench bench-net demo clean
 
 install:
 	HVD_QPR_VENV=$(VENV) bash scripts/install.sh
@@ -43,6 +43,21 @@ endif
 bench: install
 	$(PY) benchmarks/kernels.py --device cpu --threads 1 2 --json benchmarks/results/kernels_cpu.json
 	$(PY) benchmarks/elias_sizes.py --json benchmarks/results/elias_sizes.json
+
+# The bandwidth-limited cluster (root: network namespaces and tc), about 25 minutes on 2 cores,
+# then the scale model; both write into benchmarks/results and benchmarks/RESULTS.md.
+bench-net: install
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 1000
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 10 --time-budget 100 --methods \
+		parallel-sgd fp16 pr-sgd qpr-4bit-auto qpr-4bit-elias qpr-2bit-scatter-gather \
+		qpr-2bit-allgather qpr-2bit-elias
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100 --eval-every 32 --tag ksweep \
+		--methods parallel-sgd pr-sgd@8 pr-sgd@16 pr-sgd@32 qpr-2bit-elias@16 qpr-2bit-elias@32 \
+		qpr-4bit-elias@32 qpr-2bit-scatter-gather@32
+	$(PY) benchmarks/netsim.py --workers 2 --bandwidth-mbit 100 --epochs 15 --methods \
+		parallel-sgd pr-sgd qpr-4bit-auto qpr-2bit-scatter-gather qpr-2bit-elias
+	$(PY) benchmarks/scale_model.py --markdown benchmarks/results/scale_model.md
 
 demo: install
 	$(PY) examples/demo.py

@@ -272,7 +272,10 @@ def summarize(results: dict) -> list[dict]:
     for name, r in results["methods"].items():
         rows.append(dict(name=name, spec=r["spec"], t=time_to(r["curve"], target), r=r))
     ref_t = {row["name"]: row["t"] for row in rows}
-    base, pr = ref_t.get("parallel-sgd"), ref_t.get("pr-sgd")
+    base = ref_t.get("parallel-sgd")
+    # PR-SGD at its best K among those run (pr-sgd, pr-sgd@K, ...)
+    pr_times = [t for name, t in ref_t.items() if name.split("@")[0] == "pr-sgd" and t]
+    pr = min(pr_times, default=None)
     for row in rows:
         t = row["t"]
         row["vs_sgd"] = base / t if t and base else None
@@ -280,14 +283,16 @@ def summarize(results: dict) -> list[dict]:
     return rows
 
 
-def fmt(x: float | None, spec: str) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+def fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    missing = x is None or (isinstance(x, float) and math.isnan(x))
+    return "—" if missing else format(x, spec) + suffix
 
 
 def markdown(results: dict) -> str:
     c = results["config"]
     lines = [
-        f"### {c['workload']}, {c['workers']} workers, {c['bandwidth_mbit']:g} Mbit/s",
+        f"### {c['workload']}, {c['workers']} workers, {c['bandwidth_mbit']:g} Mbit/s"
+        + (f" ({c['tag']})" if c.get("tag") else ""),
         "",
         f"{c['machine']}; MLP of {c['parameters']:,} parameters; {c['epochs']} epochs of "
         f"{c['steps_per_epoch']} steps a worker (batch {c['batch_size']}), SGD lr {c['lr']} "
@@ -298,13 +303,13 @@ def markdown(results: dict) -> str:
         "0.5 points). Written by `benchmarks/netsim.py` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime(c['started']))}.",
         "",
-        "| method | K | aggregation | time to target s | vs parallel SGD | vs PR-SGD "
+        "| method | K | aggregation | time to target s | vs parallel SGD | vs best PR-SGD "
         "| wire MB a worker | s a step | final accuracy |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summarize(results):
         r, spec = row["r"], row["spec"]
-        speedups = f"{fmt(row['vs_sgd'], '.1f')}x | {fmt(row['vs_pr'], '.1f')}x"
+        speedups = f"{fmt(row['vs_sgd'], '.1f', 'x')} | {fmt(row['vs_pr'], '.1f', 'x')}"
         lines.append(
             f"| {row['name']} | {spec['local_steps']} | {spec['aggregation']} "
             f"| {fmt(row['t'], '.1f')} | {speedups} "
@@ -344,9 +349,18 @@ def plot(results: dict, stem: Path) -> list[Path]:
         ("wire_bytes", "wire MB a worker", 1e-6, "bytes"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, r in results["methods"].items():
-            xs = [max(p[key] * scale, 1e-3) for p in r["curve"]]
-            ax.plot(xs, [p["test_accuracy"] for p in r["curve"]], marker=".", label=method)
+        colors = plt.cm.tab20.colors
+        for i, (method, r) in enumerate(results["methods"].items()):
+            points = [p for p in r["curve"] if p[key] > 0]  # a log axis has no zero
+            style = "-" if method.startswith("qpr") else "--"
+            ax.plot(
+                [p[key] * scale for p in points],
+                [p["test_accuracy"] for p in points],
+                style,
+                marker=".",
+                color=colors[i % len(colors)],
+                label=method,
+            )
         ax.axhline(results["target_accuracy"], color="gray", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -385,6 +399,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--quick", action="store_true", help="2 workers, synthetic data, 3 methods")
+    p.add_argument("--replot", type=Path, help="redo plots and table from a results JSON")
+    p.add_argument("--tag", default="", help="suffix of the results' file names")
     args = p.parse_args(argv)
     if args.quick:
         args.workers, args.workload, args.hidden, args.epochs = 2, "synthetic", 256, 2
@@ -397,8 +413,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(results: dict, stem: Path, results_md: Path) -> str:
+    """Plots, the RESULTS.md section; returns the table."""
+    section = markdown(results)
+    images = "".join(f"![{p.stem}](results/{p.name})\n" for p in plot(results, stem))
+    update_results_md(results_md, stem.name, section + "\n" + images)
+    return section
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        print(report(results, args.replot.with_suffix(""), args.results_md))
+        return 0
     if os.geteuid() != 0:
         print("netsim.py needs root (network namespaces and tc); run it with sudo", file=sys.stderr)
         return 2
@@ -411,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out_dir / (
         f"netsim_{args.workload}_{args.bandwidth_mbit:g}mbit_{args.workers}w"
         + ("_quick" if args.quick else "")
+        + (f"_{args.tag}" if args.tag else "")
     )
     results: dict = {"config": {}, "methods": {}, "target_accuracy": None}
     cluster = Cluster(args.workers, args.bandwidth_mbit)
@@ -443,17 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                     eval_every=args.eval_every,
                     time_budget=args.time_budget,
                     seed=args.seed,
+                    tag=args.tag,
                     machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                     started=time.time(),
                 )
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    section = markdown(results)
-    key = stem.name
-    update_results_md(
-        args.results_md,
-        key,
-        section + "\n" + "".join(f"![{p.stem}](results/{p.name})\n" for p in plot(results, stem)),
-    )
+    section = report(results, stem, args.results_md)
     print("\n" + section, flush=True)
     print(f"wrote {stem.with_suffix('.json')}, plots, and {args.results_md}", flush=True)
     return 0

@@ -8,6 +8,8 @@ Example:
     >>> m = method("qpr-4bit-packed-sum", local_steps=8)
     >>> m.spec()["aggregation"]
     'packed-sum'
+    >>> method("pr-sgd@32").local_steps
+    32
 """
 
 from __future__ import annotations
@@ -109,10 +111,14 @@ def method_names() -> list[str]:
 
 
 def method(name: str, local_steps: int | None = None) -> Method:
-    """A registered method; ValueError listing the names when unknown."""
-    if name not in _METHODS:
+    """A registered method; ``NAME@K`` fixes its K (e.g. ``pr-sgd@32``, for a sweep of K in one
+    run). ValueError listing the names when unknown."""
+    base, _, k = name.partition("@")
+    if base not in _METHODS or (k and not k.isdigit()):
         raise ValueError(f"unknown method {name!r}; registered methods: {method_names()}")
-    m = _METHODS[name]
+    m = _METHODS[base]
+    if k:
+        m = dataclasses.replace(m, name=name, local_steps=int(k), uses_k="")
     return m if local_steps is None else dataclasses.replace(m, local_steps=local_steps)
 
 
