@@ -383,7 +383,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--bandwidth-mbit", type=float, default=100.0, help="per worker, each way")
-    p.add_argument("--workload", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--workload", choices=["digits", "mnist1d", "synthetic"], default="digits")
     p.add_argument("--hidden", type=int, default=1024, help="MLP hidden width")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"of {method_names()}")
     p.add_argument("--epochs", type=int, default=30)

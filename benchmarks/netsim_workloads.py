@@ -56,6 +56,18 @@ def digits(hidden: int) -> Workload:
     )
 
 
+def mnist1d(hidden: int) -> Workload:
+    """MNIST-1D (Greydanus 2020), generated locally from the package's templates (no download):
+    4000 training and 1000 test sequences of 40 values, MLP 40-h-h-10."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    x, y = torch.tensor(data["x"], dtype=torch.float32), torch.tensor(data["y"])
+    x_test = torch.tensor(data["x_test"], dtype=torch.float32)
+    y_test = torch.tensor(data["y_test"])
+    return Workload("mnist1d", x, y, x_test, y_test, lambda: MLP([40, hidden, hidden, 10]))
+
+
 def synthetic(hidden: int) -> Workload:
     """Ten Gaussian clusters in 32 dimensions (4000 training, 1000 test points), MLP 32-h-h-10."""
     g = torch.Generator().manual_seed(0)
@@ -67,7 +79,11 @@ def synthetic(hidden: int) -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[int], Workload]] = {"digits": digits, "synthetic": synthetic}
+WORKLOADS: dict[str, Callable[[int], Workload]] = {
+    "digits": digits,
+    "mnist1d": mnist1d,
+    "synthetic": synthetic,
+}
 
 
 def workload(name: str, hidden: int = 256) -> Workload:

@@ -48,6 +48,7 @@ REQUIREMENTS=(
     "cffi"
     "scikit-learn"
     "matplotlib"
+    "mnist1d"
 )
 
 log() { printf '[install] %s\n' "$*"; }
