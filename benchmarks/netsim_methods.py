@@ -30,7 +30,8 @@ class Method:
     Attributes:
         name: registry name.
         optimizer: ``"horovod"`` (plain ``hvd.DistributedOptimizer``) or ``"hvd_qpr"``.
-        compression: ``"none"``, ``"fp16"`` or ``"qsgd"``.
+        compression: ``"none"``, ``"fp16"``, ``"qsgd"`` or another registered compressor name
+            (built with its defaults).
         bits: QSGD bits a level.
         elias: Elias-code the QSGD levels.
         local_steps: K (1: gradients averaged every step).
@@ -142,4 +143,16 @@ def _register_defaults(add: Callable[[Method], Method]) -> None:
         add(Method(f"qpr-{bits}bit-ef", "hvd_qpr", "qsgd", bits, error_feedback=True, uses_k="qpr"))
 
 
+def _register_sparsifiers(add: Callable[[Method], Method]) -> None:
+    # on gradients every step (K=1, as the gTop-k paper) and on model differences (K from flags)
+    add(Method("topk-ef", "hvd_qpr", "topk", error_feedback=True, aggregation="allgather"))
+    add(Method("topk-ef-pr", "hvd_qpr", "topk", error_feedback=True, uses_k="qpr"))
+    add(Method("randomk-pr", "hvd_qpr", "randomk", uses_k="qpr"))
+    add(Method("terngrad", "hvd_qpr", "terngrad"))
+    add(Method("terngrad-pr", "hvd_qpr", "terngrad", uses_k="qpr"))
+    add(Method("efsign-ef", "hvd_qpr", "efsign", error_feedback=True))
+    add(Method("efsign-ef-pr", "hvd_qpr", "efsign", error_feedback=True, uses_k="qpr"))
+
+
 _register_defaults(register_method)
+_register_sparsifiers(register_method)

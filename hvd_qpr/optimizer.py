@@ -172,7 +172,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._qpr_checked = True
         signature = self._qpr_signature()
         codes = torch.tensor([[code for _, code, _ in signature]], dtype=torch.int64)
-        table = hvd.allgather(codes, name="hvd_qpr.config", process_set=self._qpr_process_set)
+        comm = self._qpr_comm  # counted in comm_stats like every byte the library sends
+        table = comm.wait(comm.allgather(codes, "hvd_qpr.config"))
         rank = self._qpr_process_set.rank()
         for column, (field, _, value) in enumerate(signature):
             values = table[:, column].tolist()
@@ -331,7 +332,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             [[0 if bool(torch.isfinite(p).all()) else 1 for p in self._qpr_params]],
             dtype=torch.uint8,
         )
-        table = hvd.allgather(flags, name="hvd_qpr.finite", process_set=self._qpr_process_set)
+        table = self._qpr_comm.wait(self._qpr_comm.allgather(flags, "hvd_qpr.finite"))
         bad = table.nonzero().tolist()
         if bad:
             column = bad[0][1]
@@ -562,6 +563,12 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
     compressor = as_compressor(compression)
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         compressor = ErrorFeedback(compressor)
+    if compressor.traits.needs_error_feedback and not isinstance(compressor, ErrorFeedback):
+        warnings.warn(
+            f"{compressor} is biased and meant to run with error feedback; pass "
+            "error_feedback=True (or hvd_qpr.ErrorFeedback(compression))",
+            stacklevel=2,
+        )
     if aggregation != "auto" and aggregation not in AGGREGATIONS:
         raise ValueError(
             f"aggregation must be 'auto' or one of {list(AGGREGATIONS)}, got {aggregation!r}"

@@ -319,3 +319,17 @@ def elias_decode(stream: torch.Tensor) -> QuantizedTensor:
         d,
         _NORM_NAMES[norm],
     )
+
+
+# ---- EF-sign (Karimireddy et al., ICML 2019) ----------------------------------------------------
+
+
+def efsign(x: torch.Tensor, bucket_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of the EF-sign payload: per-bucket mean |x| (float32) and the sign bits
+    (1 where x >= 0), bucket by bucket in plain Python loops over buckets."""
+    flat = x.detach().reshape(-1).to(torch.float32)
+    scales = [
+        flat[start : start + bucket_size].abs().mean()
+        for start in range(0, flat.numel(), bucket_size)
+    ]
+    return torch.stack(scales) if scales else flat.new_zeros(0), (flat >= 0).to(torch.uint8)

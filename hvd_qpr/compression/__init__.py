@@ -20,8 +20,11 @@ from hvd_qpr.compression.base import (
 )
 from hvd_qpr.compression.casts import CastCompressor, NoneCompressor
 from hvd_qpr.compression.error_feedback import ErrorFeedback
+from hvd_qpr.compression.opaque import OpaqueCompressor
 from hvd_qpr.compression.qsgd import QSGDCompressor
 from hvd_qpr.compression.registry import from_name, names, register
+from hvd_qpr.compression.sign import EFSignCompressor, TernGradCompressor
+from hvd_qpr.compression.sparse import RandomKCompressor, SparseCompressor, TopKCompressor
 
 _NONE = NoneCompressor()
 _FP16 = CastCompressor(torch.float16)
@@ -31,6 +34,10 @@ register("none")(lambda: _NONE)
 register("fp16")(lambda: _FP16)
 register("bf16")(lambda: _BF16)
 register("qsgd")(QSGDCompressor)
+register("topk")(TopKCompressor)
+register("randomk")(RandomKCompressor)
+register("terngrad")(TernGradCompressor)
+register("efsign")(EFSignCompressor)
 
 
 class Compression:
@@ -56,6 +63,26 @@ class Compression:
         """QSGD (Alistarh et al., NeurIPS 2017); see :class:`QSGDCompressor`."""
         return QSGDCompressor(bits, bucket_size, norm, elias, seed)
 
+    @staticmethod
+    def topk(ratio: float = 0.01, approximate: bool = False) -> TopKCompressor:
+        """Top-k sparsification; see :class:`TopKCompressor`."""
+        return TopKCompressor(ratio, approximate)
+
+    @staticmethod
+    def randomk(ratio: float = 0.01, seed: int = 0) -> RandomKCompressor:
+        """Random-k sparsification, unbiased; see :class:`RandomKCompressor`."""
+        return RandomKCompressor(ratio, seed)
+
+    @staticmethod
+    def terngrad(bucket_size: int = 512) -> TernGradCompressor:
+        """TernGrad (Wen et al., NeurIPS 2017); see :class:`TernGradCompressor`."""
+        return TernGradCompressor(bucket_size)
+
+    @staticmethod
+    def efsign(bucket_size: int = 512) -> EFSignCompressor:
+        """EF-signSGD (Karimireddy et al., ICML 2019); use with error feedback."""
+        return EFSignCompressor(bucket_size)
+
     from_name = staticmethod(from_name)
     names = staticmethod(names)
 
@@ -65,10 +92,16 @@ __all__ = [
     "Compression",
     "Compressor",
     "CompressorTraits",
+    "EFSignCompressor",
     "ErrorFeedback",
     "HorovodCompressorAdapter",
     "NoneCompressor",
+    "OpaqueCompressor",
     "QSGDCompressor",
+    "RandomKCompressor",
+    "SparseCompressor",
+    "TernGradCompressor",
+    "TopKCompressor",
     "Segments",
     "as_compressor",
     "from_name",

@@ -35,11 +35,16 @@ class CompressorTraits:
             must carry lengths.
         shared_scale: the compressor can quantize against per-bucket scales agreed across
             workers, which makes integer levels summable (packed-sum aggregation).
+        sparse: the payload is (indices, values) of a few entries (Top-k, Random-k).
+        needs_error_feedback: biased on its own (sign compression); the optimizer warns when
+            it runs without :class:`ErrorFeedback`.
     """
 
     sum_compatible: bool
     variable_length: bool = False
     shared_scale: bool = False
+    sparse: bool = False
+    needs_error_feedback: bool = False
 
 
 class Compressor(HorovodCompressor):

@@ -4,37 +4,14 @@ bit-packed, optionally Elias-coded, through the native kernels in :mod:`hvd_qpr.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-
 import torch
 
 from hvd_qpr import ops
-from hvd_qpr.compression.base import Compressor, CompressorTraits
-from hvd_qpr.seeds import derive_seed
-
-_SUMMED_BY_HOROVOD = (
-    "{name} produces packed levels that Horovod's allreduce cannot sum (it would send wrong "
-    "sums); hvd.DistributedOptimizer and hvd.allreduce only work with sum-compatible "
-    "compressors. Use hvd_qpr.DistributedOptimizer(optimizer, compression=...), which aggregates "
-    "QSGD payloads with packed-sum, scatter-gather or allgather"
-)
-_PAYLOAD_MODIFIED = (
-    "the QSGD payload changed between compress() and decompress(): a collective summed or "
-    "averaged its bytes (for example hvd.DistributedOptimizer or hvd.allreduce). Packed QSGD "
-    "levels cannot be summed that way; use hvd_qpr.DistributedOptimizer(compression=...), which "
-    "aggregates them with packed-sum, scatter-gather or allgather"
-)
+from hvd_qpr.compression.base import CompressorTraits
+from hvd_qpr.compression.opaque import OpaqueCompressor
 
 
-@dataclasses.dataclass(frozen=True)
-class _Context:
-    shape: torch.Size
-    dtype: torch.dtype
-    sent: torch.Tensor | None  # the payload as compress() returned it; None: passed through
-
-
-class QSGDCompressor(Compressor):
+class QSGDCompressor(OpaqueCompressor):
     """QSGD quantization as a Horovod compressor.
 
     Through Horovod's contract, ``compress`` returns an opaque uint8 payload (per-bucket float32
@@ -81,28 +58,6 @@ class QSGDCompressor(Compressor):
             f"qsgd(bits={bits}, bucket_size={bucket_size}, norm={norm!r}, elias={self.elias})"
         )
         self._calls = 0
-
-    # -- Horovod's contract ------------------------------------------------------------------------
-
-    def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
-        # Horovod calls compress() only to all-reduce the result, which would be wrong here.
-        if sys._getframe(1).f_globals.get("__name__", "").startswith("horovod."):
-            raise ValueError(_SUMMED_BY_HOROVOD.format(name=self.name))
-        if not tensor.dtype.is_floating_point or tensor.dtype == torch.float64:
-            return tensor, _Context(tensor.shape, tensor.dtype, None)
-        payload = self.encode(tensor.reshape(-1), derive_seed(self.seed, self._calls))
-        self._calls += 1
-        return payload, _Context(tensor.shape, tensor.dtype, payload.clone())
-
-    def decompress(self, tensor: torch.Tensor, ctx: object) -> torch.Tensor:
-        if not isinstance(ctx, _Context):
-            raise TypeError(f"qsgd: decompress needs the context compress() returned, got {ctx!r}")
-        if ctx.sent is None:
-            return tensor
-        if tensor.shape != ctx.sent.shape or not torch.equal(tensor, ctx.sent):
-            raise ValueError(_PAYLOAD_MODIFIED)
-        numel = ctx.shape.numel()
-        return self.decode(tensor, numel).view(ctx.shape).to(ctx.dtype)
 
     # -- opaque payloads ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import copy
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import horovod.torch as hvd
@@ -236,6 +237,56 @@ def check_sync_models_and_buckets() -> None:
     check(names == ["fc1.weight", "fc2.weight"], f"residuals of {names}")
 
 
+# ---- sparsifiers and low-bit compressors --------------------------------------------------------
+
+
+def check_sparsifiers() -> None:
+    C = hvd_qpr.Compression
+    comm = collectives.Comm(hvd.global_process_set)
+    for comp in (C.topk(0.05), C.efsign(bucket_size=64)):  # nothing is lost
+        ef = hvd_qpr.ErrorFeedback(comp)
+        g = torch.Generator().manual_seed(RANK + 11)
+        x = torch.randn(1013, generator=g)
+        pipeline = collectives.allgather(x, ef, comm, f"lost.{comp.name}", [("x", 1013)], RANK)
+        mean = collectives.finish(pipeline)
+        total_in = hvd.allreduce(x, op=hvd.Sum, name=f"lost.in.{comp.name}")
+        left = hvd.allreduce(ef.residuals["x"], op=hvd.Sum, name=f"lost.res.{comp.name}")
+        gap = (mean * SIZE + left - total_in).abs().max()
+        check(bool(gap < 1e-4), f"{comp}: applied + residuals differ from the inputs by {gap}")
+    runs = [
+        (C.topk(0.1), True, 1),
+        (C.topk(0.1, approximate=True), True, 2),
+        (C.randomk(0.2), False, 2),
+        (C.terngrad(), False, 1),
+        (C.terngrad(), False, 2),
+        (C.efsign(), True, 1),
+        (C.efsign(), True, 2),
+    ]
+    for i, (comp, ef, k) in enumerate(runs):
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=comp,
+            error_feedback=ef,
+            local_steps=k,
+        )
+        before = flat_params(model)
+        for step in range(2):
+            train_step(model, opt, step)
+        check(same_on_all_ranks(model, f"sparse.{i}"), f"{comp} K={k}: ranks differ")
+        check(not torch.equal(before, flat_params(model)), f"{comp} K={k}: nothing changed")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = make_net()
+        hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=C.efsign(),
+        )
+    check(any("error feedback" in str(w.message) for w in caught), "efsign alone did not warn")
+
+
 # ---- packed-sum: the packed integer sum equals the exact sum of the fields ----------------------
 
 
@@ -337,10 +388,13 @@ def check_comm_stats() -> None:
     train_step(model, opt, 0)
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     stats = opt.comm_stats()
-    check(stats["payload_bytes"] == 4 * numel, f"payload {stats['payload_bytes']} != {4 * numel}")
-    expected = 2 * (SIZE - 1) / SIZE * 4 * numel
+    config = 8 * len(opt._qpr_signature())  # the one-time configuration check (int64 fields)
+    payload = 4 * numel + config
+    check(stats["payload_bytes"] == payload, f"payload {stats['payload_bytes']} != {payload}")
+    # ring all-reduce 2(M-1)/M of the payload; ring allgather (M-1)/M of the gathered total
+    expected = 2 * (SIZE - 1) / SIZE * 4 * numel + (SIZE - 1) / SIZE * config * SIZE
     check(abs(stats["wire_bytes"] - expected) < 1e-6, f"wire {stats['wire_bytes']} != {expected}")
-    check(stats["collectives"] == 5, f"{stats['collectives']} collectives, 5 parameters")
+    check(stats["collectives"] == 6, f"{stats['collectives']} collectives, 5 parameters + check")
     opt.reset_comm_stats()
     check(opt.comm_stats()["payload_bytes"] == 0, "reset")
 
@@ -484,6 +538,7 @@ def main() -> None:
         run(f"qpr_sgd_{mode}_4bit", lambda mode=mode: check_simulation(mode, 4, k=3, warmup=0))
     run("qpr_sgd_packed-sum_2bit", lambda: check_simulation("packed-sum", 2, k=2, warmup=1))
     run("sync_models_and_buckets", check_sync_models_and_buckets)
+    run("sparsifiers", check_sparsifiers)
     run("packed_sum_exact", check_packed_sum_exact)
     run("resume", check_resume)
     run("broadcast_optimizer_state", check_broadcast_optimizer_state)

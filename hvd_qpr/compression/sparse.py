@@ -1,0 +1,126 @@
+"""Sparsifiers: Top-k (Aji & Heafield, "Sparse Communication for Distributed Gradient Descent",
+EMNLP 2017; with error feedback, Stich et al., NeurIPS 2018) and Random-k (Wangni et al.,
+NeurIPS 2018). The payload is k int32 indices followed by k float32 values."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hvd_qpr.compression.base import CompressorTraits
+from hvd_qpr.compression.opaque import OpaqueCompressor
+
+
+def _check_ratio(ratio: object, name: str) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{name}: ratio must be a number in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+class SparseCompressor(OpaqueCompressor):
+    """Common payload of Top-k and Random-k: ``k`` int32 indices, then ``k`` float32 values."""
+
+    traits = CompressorTraits(sum_compatible=False, sparse=True)
+
+    def __init__(self, ratio: float, seed: int) -> None:
+        self.ratio = _check_ratio(ratio, type(self).__name__)
+        self.seed = seed % 2**64
+        self._calls = 0
+
+    def k(self, numel: int) -> int:
+        """Entries kept of numel: ceil(ratio * numel), at least 1."""
+        return min(numel, max(1, math.ceil(self.ratio * numel)))
+
+    def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 indices, float32 values) of the k entries to send."""
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        flat = x.reshape(-1).to(torch.float32)
+        index, value = self.select(flat, self.k(flat.numel()), seed)
+        return torch.cat([index.to(torch.int32).view(torch.uint8), value.view(torch.uint8)])
+
+    def split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (int64 indices, float32 values) of a payload, checked."""
+        k = self.k(numel)
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != 8 * k:
+            raise ValueError(
+                f"{self.name}: a payload of {numel} values must be a 1-D uint8 tensor of "
+                f"{8 * k} bytes (k = {k}), got {payload.dtype} of shape {tuple(payload.shape)}"
+            )
+        body = payload.clone()  # the slice of a gathered buffer may be unaligned
+        index = body[: 4 * k].view(torch.int32).to(torch.int64)
+        if k and (int(index.min()) < 0 or int(index.max()) >= numel):
+            raise ValueError(f"{self.name}: a payload index lies outside 0..{numel - 1}")
+        return index, body[4 * k :].view(torch.float32)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        index, value = self.split(payload, numel)
+        return torch.zeros(numel, device=payload.device).index_put_(
+            (index,), value, accumulate=True
+        )
+
+    def payload_bytes(self, numel: int) -> float:
+        return 8.0 * self.k(numel)
+
+
+class TopKCompressor(SparseCompressor):
+    """The k entries of largest magnitude (biased: use it with error feedback).
+
+    Args:
+        ratio: fraction of entries kept, in (0, 1].
+        approximate: estimate the k-th magnitude from a random sample, keep the entries at or
+            above it and trim to exactly k (falls back to a full ``torch.topk`` when the estimate
+            keeps fewer than k), instead of ``torch.topk`` over the whole tensor.
+        sample_size: values sampled for the estimate.
+        seed: seeds the sample (and nothing else: the selection is deterministic otherwise).
+
+    Example:
+        >>> c = TopKCompressor(ratio=0.01)
+        >>> c.decode(c.encode(torch.randn(1000), 0), 1000).count_nonzero()
+        tensor(10)
+    """
+
+    def __init__(
+        self, ratio: float = 0.01, approximate: bool = False, sample_size: int = 4096, seed: int = 0
+    ) -> None:
+        super().__init__(ratio, seed)
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1:
+            raise ValueError(f"topk: sample_size must be a positive int, got {sample_size!r}")
+        self.approximate, self.sample_size = bool(approximate), sample_size
+        self.name = f"topk(ratio={self.ratio:g}{', approximate' if approximate else ''})"
+
+    def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        magnitude = x.abs()
+        if self.approximate and x.numel() > self.sample_size:
+            g = torch.Generator(device=x.device).manual_seed(seed % 2**63)
+            sample = magnitude[torch.randint(0, x.numel(), (self.sample_size,), generator=g)]
+            # a little below the estimated k-th magnitude, so the candidates usually exceed k
+            q = max(0.0, 1.0 - 1.25 * k / x.numel())
+            candidates = (magnitude >= torch.quantile(sample, q)).nonzero().squeeze(1)
+            if candidates.numel() >= k:
+                best = magnitude[candidates].topk(k, sorted=False).indices
+                index = candidates[best]
+                return index, x[index]
+        index = magnitude.topk(k, sorted=False).indices
+        return index, x[index]
+
+
+class RandomKCompressor(SparseCompressor):
+    """k entries drawn uniformly without replacement, scaled by numel / k (unbiased).
+
+    Example:
+        >>> c = RandomKCompressor(ratio=0.1)
+        >>> c.decode(c.encode(torch.ones(100), 7), 100).sum()
+        tensor(100.)
+    """
+
+    def __init__(self, ratio: float = 0.01, seed: int = 0) -> None:
+        super().__init__(ratio, seed)
+        self.name = f"randomk(ratio={self.ratio:g})"
+
+    def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator(device=x.device).manual_seed(seed % 2**63)
+        index = torch.randperm(x.numel(), generator=g, device=x.device)[:k]
+        return index, x[index] * (x.numel() / k)
