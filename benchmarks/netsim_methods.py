@@ -39,6 +39,7 @@ class Method:
         error_feedback: wrap the compressor in ErrorFeedback.
         uses_k: whether the harness's ``--local-steps`` (QPR) or ``--pr-local-steps`` (PR)
             sets K: ``"qpr"``, ``"pr"`` or ``""`` (K stays as given).
+        ratio: density of a sparsifier (its default when None).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Method:
     aggregation: str = "auto"
     error_feedback: bool = False
     uses_k: str = ""
+    ratio: float | None = None
 
     def with_local_steps(self, qpr_k: int, pr_k: int) -> Method:
         k = {"qpr": qpr_k, "pr": pr_k}.get(self.uses_k, self.local_steps)
@@ -58,6 +60,8 @@ class Method:
     def compressor(self) -> object:
         if self.compression == "qsgd":
             return hvd_qpr.Compression.qsgd(bits=self.bits, elias=self.elias)
+        if self.ratio is not None:
+            return hvd_qpr.Compression.from_name(self.compression, ratio=self.ratio)
         return hvd_qpr.Compression.from_name(self.compression)
 
     def wrap(
@@ -146,6 +150,17 @@ def _register_defaults(add: Callable[[Method], Method]) -> None:
 def _register_sparsifiers(add: Callable[[Method], Method]) -> None:
     # on gradients every step (K=1, as the gTop-k paper) and on model differences (K from flags)
     add(Method("topk-ef", "hvd_qpr", "topk", error_feedback=True, aggregation="allgather"))
+    for density, tag in ((0.01, ""), (0.001, "-0.001")):
+        add(
+            Method(
+                f"gtopk-ef{tag}",
+                "hvd_qpr",
+                "topk",
+                error_feedback=True,
+                aggregation="gtopk",
+                ratio=density,
+            )
+        )
     add(Method("topk-ef-pr", "hvd_qpr", "topk", error_feedback=True, uses_k="qpr"))
     add(Method("randomk-pr", "hvd_qpr", "randomk", uses_k="qpr"))
     add(Method("terngrad", "hvd_qpr", "terngrad"))

@@ -11,6 +11,9 @@ bucket's collectives before waiting for any (Horovod then fuses them):
 * ``scatter-gather``: ``alltoall`` of packed chunks, each worker decodes and averages its chunk,
   requantizes it once and ``allgather`` s it.
 * ``allgather``: every worker's (possibly variable-length) payload gathered and decoded by all.
+* ``gtopk``: the sparse all-reduce of gTop-k (Shi et al., ICDCS 2019) by recursive doubling:
+  log2(M) pairwise exchanges (``alltoall`` with one non-zero split), each partner summing the two
+  sparse vectors and keeping the k largest, so every rank ends with the same k entries.
 
 :class:`Comm` counts bytes as DESIGN.md 2.3 defines them: *payload* (what this worker hands to
 Horovod) and *wire* (what it sends under the collective's algorithm: ring all-reduce
@@ -35,7 +38,7 @@ import torch
 from hvd_qpr.compression.base import Compressor, Segments
 from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
 
-AGGREGATIONS = ("allreduce", "packed-sum", "scatter-gather", "allgather")
+AGGREGATIONS = ("allreduce", "packed-sum", "scatter-gather", "allgather", "gtopk")
 # scatter-gather quantizes twice, and requantizing the average adds about as much variance as all
 # M first quantizations together (each contributes 1/M of its own to the mean). Its estimated time
 # counts double when choosing, so one quantization wins unless it costs twice the time.
@@ -402,6 +405,113 @@ def allgather(
     return total / m if average else total
 
 
+# ---- gTop-k -------------------------------------------------------------------------------------
+
+
+def _sparse_bytes(index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.cat([index.to(torch.int32).view(torch.uint8), value.view(torch.uint8)])
+
+
+def _sparse_entries(payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if payload.numel() % 8:
+        raise ValueError(f"gtopk: a sparse payload of {payload.numel()} bytes")
+    k = payload.numel() // 8
+    body = payload.clone()
+    index = body[: 4 * k].view(torch.int32).to(torch.int64)
+    if k and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"gtopk: a payload index lies outside 0..{numel - 1}")
+    return index, body[4 * k :].view(torch.float32)
+
+
+def merge_topk(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of two sparse vectors (values at shared indices added, first's then second's), cut to
+    its k largest magnitudes; indices ascending, so both partners of an exchange agree."""
+    index = torch.cat([first[0], second[0]])
+    value = torch.cat([first[1], second[1]])
+    union, where = torch.unique(index, sorted=True, return_inverse=True)
+    summed = torch.zeros(union.numel(), dtype=value.dtype, device=value.device)
+    summed.index_add_(0, where, value)
+    if union.numel() > k:
+        keep = summed.abs().topk(k, sorted=False).indices.sort().values
+        union, summed = union[keep], summed[keep]
+    return union, summed
+
+
+def gtopk_schedule(rank: int, world_size: int) -> list[tuple[int | None, int | None, bool]]:
+    """(send to, receive from, merge) for each exchange of this rank. With P the largest power of
+    two <= M, ranks >= P first fold into rank - P; the first P ranks run log2(P) rounds of
+    recursive doubling (partner rank XOR 2^j); then the folded ranks get the result back."""
+    p = 1 << (world_size.bit_length() - 1)
+    extra = world_size - p
+    steps: list[tuple[int | None, int | None, bool]] = []
+    if extra:
+        if rank >= p:
+            steps.append((rank - p, None, False))
+        else:
+            steps.append((None, rank + p if rank < extra else None, True))
+    for j in range(p.bit_length() - 1):
+        partner = rank ^ (1 << j)
+        steps.append((partner, partner, True) if rank < p else (None, None, False))
+    if extra:
+        if rank >= p:
+            steps.append((None, rank - p, False))
+        else:
+            steps.append((rank + p if rank < extra else None, None, False))
+    return steps
+
+
+def gtopk(
+    x: torch.Tensor,
+    compressor: Compressor,
+    comm: Comm,
+    name: str,
+    segments: Segments,
+    seed: int,
+    average: bool = True,
+) -> Pipeline:
+    """gTop-k sparse all-reduce; the residual keeps what of this worker's top-k did not survive."""
+    m, rank = comm.size, comm.rank
+    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    flat = x.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    k = compressor.k(n)
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError(f"gtopk: {name} holds NaN or Inf; it cannot be sparsified")
+    index, value = compressor.select(flat, k, derive_seed(seed, PHASE_SEND))
+    order = index.argsort()
+    mine = (index[order], value[order])
+    current = mine
+    for step, (send_to, receive_from, merge) in enumerate(gtopk_schedule(rank, m)):
+        payload = (
+            _sparse_bytes(*current) if send_to is not None else flat.new_zeros(0, dtype=torch.uint8)
+        )
+        splits = [0] * m
+        if send_to is not None:
+            splits[send_to] = payload.numel()
+        pending = comm.alltoall(payload, splits, f"{name}.gtopk{step}")
+        yield
+        received = comm.wait(pending)
+        data = received[0] if isinstance(received, tuple) else received
+        if receive_from is None:
+            continue
+        theirs = _sparse_entries(data, n)
+        if merge:
+            pair = (current, theirs) if rank < receive_from else (theirs, current)
+            current = merge_topk(*pair, k)
+        else:
+            current = theirs
+    if compressor.needs_residual:
+        survived = torch.isin(mine[0], current[0])
+        sent = flat.new_zeros(n)
+        sent[mine[0][survived]] = mine[1][survived]
+        compressor.store_residual(flat, sent, segments)
+    out = flat.new_zeros(n)
+    out[current[0]] = current[1]
+    return out / m if average else out
+
+
 def aggregate(
     mode: str,
     x: torch.Tensor,
@@ -421,7 +531,12 @@ def aggregate(
         raise ValueError(
             f"aggregation 'packed-sum' needs a shared-scale compressor, not {compressor}"
         )
-    fns = {"packed-sum": packed_sum, "scatter-gather": scatter_gather, "allgather": allgather}
+    fns = {
+        "packed-sum": packed_sum,
+        "scatter-gather": scatter_gather,
+        "allgather": allgather,
+        "gtopk": gtopk,
+    }
     if mode not in fns:
         raise ValueError(f"aggregation must be one of {sorted(fns)} here, got {mode!r}")
     return fns[mode](x, compressor, comm, name, segments, seed, average)
@@ -455,6 +570,10 @@ def estimate_seconds(
         return ring * payload / link.bandwidth + 2 * steps
     if mode == "allgather":
         return (m - 1) * payload / link.bandwidth + steps
+    if mode == "gtopk":  # ceil(log2 M) exchanges of one k-entry payload (two more to fold)
+        p = 1 << (m.bit_length() - 1)
+        exchanges = (p.bit_length() - 1) + (2 if m > p else 0)
+        return exchanges * (payload / link.bandwidth + link.latency)
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
 
 
@@ -463,6 +582,8 @@ def feasible_aggregations(compressor: Compressor) -> list[str]:
     if compressor.traits.sum_compatible:
         return ["allreduce"]
     modes = ["scatter-gather", "allgather"]
+    if compressor.traits.sparse:
+        return ["gtopk", *modes]
     # packed-sum sends fixed-width fields: it would drop a variable-length (Elias) coding
     traits = compressor.traits
     return ["packed-sum", *modes] if traits.shared_scale and not traits.variable_length else modes

@@ -287,6 +287,81 @@ def check_sparsifiers() -> None:
     check(any("error feedback" in str(w.message) for w in caught), "efsign alone did not warn")
 
 
+# ---- gTop-k against a single-process simulation of the same exchange tree ------------------------
+
+
+def _merge(a: dict, b: dict, k: int) -> dict:
+    """Sparse sum (float32 additions, a's value first) cut to the k largest magnitudes."""
+    out = dict(a)
+    for i, v in b.items():
+        out[i] = float(torch.tensor(out[i], dtype=torch.float32) + v) if i in out else v
+    keep = sorted(out, key=lambda i: -abs(out[i]))[:k]
+    return {i: out[i] for i in keep}
+
+
+def simulate_gtopk(inputs: list[torch.Tensor], k: int) -> torch.Tensor:
+    vecs = []
+    for x in inputs:
+        top = x.abs().topk(k).indices.tolist()
+        vecs.append({i: float(x[i]) for i in top})
+    m = len(vecs)
+    p = 1 << (m.bit_length() - 1)
+    for r in range(p, m):  # the extra ranks fold in first
+        vecs[r - p] = _merge(vecs[r - p], vecs[r], k)
+    j = 1
+    while j < p:
+        vecs = [
+            _merge(vecs[min(r, r ^ j)], vecs[max(r, r ^ j)], k) if r < p else vecs[r]
+            for r in range(m)
+        ]
+        j <<= 1
+    out = torch.zeros(inputs[0].numel())
+    for i, v in vecs[0].items():
+        out[i] = v
+    return out
+
+
+def check_gtopk() -> None:
+    comm = collectives.Comm(hvd.global_process_set)
+    n, ratio = 1013, 0.02
+    inputs = [torch.randn(n, generator=torch.Generator().manual_seed(50 + r)) for r in range(SIZE)]
+    comp = hvd_qpr.Compression.topk(ratio)
+    ef = hvd_qpr.ErrorFeedback(comp)
+    out = collectives.finish(
+        collectives.gtopk(inputs[RANK], ef, comm, "gtopk.sim", [("x", n)], seed=0)
+    )
+    expected = simulate_gtopk(inputs, comp.k(n)) / SIZE
+    check(
+        torch.equal(out, expected),
+        f"gtopk differs from the simulation by {(out - expected).abs().max()}",
+    )
+    table = hvd.allgather(out[None], name="gtopk.same")
+    check(bool((table == table[0]).all()), "ranks hold different gtopk results")
+    # nothing is lost: applied plus residuals equals the inputs' sum
+    left = hvd.allreduce(ef.residuals["x"], op=hvd.Sum, name="gtopk.left")
+    gap = (out * SIZE + left - sum(inputs)).abs().max()
+    check(bool(gap < 1e-4), f"gtopk: applied + residuals differ from the inputs by {gap}")
+    before = comm.stats.wire_bytes
+    collectives.finish(collectives.gtopk(inputs[RANK], comp, comm, "gtopk.bytes", [], seed=1))
+    p = 1 << (SIZE.bit_length() - 1)
+    rounds = p.bit_length() - 1
+    check(comm.stats.wire_bytes - before <= (rounds + 1) * 8 * comp.k(n), "gtopk sent too much")
+    for k in (1, 3):  # through the optimizer, on gradients and on model differences
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=hvd_qpr.Compression.topk(0.05),
+            error_feedback=True,
+            aggregation="gtopk",
+            local_steps=k,
+        )
+        for step in range(3):
+            train_step(model, opt, step)
+            if k == 1 or step == 2:
+                check(same_on_all_ranks(model, f"gtopk.train{k}.{step}"), "ranks differ")
+
+
 # ---- packed-sum: the packed integer sum equals the exact sum of the fields ----------------------
 
 
@@ -539,6 +614,7 @@ def main() -> None:
     run("qpr_sgd_packed-sum_2bit", lambda: check_simulation("packed-sum", 2, k=2, warmup=1))
     run("sync_models_and_buckets", check_sync_models_and_buckets)
     run("sparsifiers", check_sparsifiers)
+    run("gtopk", check_gtopk)
     run("packed_sum_exact", check_packed_sum_exact)
     run("resume", check_resume)
     run("broadcast_optimizer_state", check_broadcast_optimizer_state)

@@ -100,3 +100,46 @@ def test_seeds_are_distinct_and_pinned():
     assert all(0 <= s < 2**64 for s in seeds)
     assert derive_seed(7) == derive_seed(7)
     assert derive_seed(0, 0, 0, 0) == 0x4534183A9817A9A3
+
+
+def test_gtopk_schedule_pairs_every_send_with_a_receive():
+    for m in range(1, 10):
+        plans = [C.gtopk_schedule(r, m) for r in range(m)]
+        assert len({len(p) for p in plans}) == 1  # every rank takes part in every exchange
+        for step in range(len(plans[0])):
+            for r in range(m):
+                send_to, receive_from, _ = plans[r][step]
+                if send_to is not None:
+                    assert plans[send_to][step][1] == r
+                if receive_from is not None:
+                    assert plans[receive_from][step][0] == r
+        p = 1 << (m.bit_length() - 1)
+        assert len(plans[0]) == (p.bit_length() - 1) + (2 if m > p else 0)
+
+
+def test_merge_topk_is_the_same_on_both_partners():
+    g = torch.Generator().manual_seed(3)
+    a = (torch.tensor([1, 4, 7, 9]), torch.randn(4, generator=g))
+    b = (torch.tensor([0, 4, 9, 12]), torch.randn(4, generator=g))
+    index, value = C.merge_topk(a, b, 3)
+    dense = torch.zeros(13)
+    dense.index_add_(0, a[0], a[1])
+    dense.index_add_(0, b[0], b[1])
+    keep = dense.abs().topk(3).indices.sort().values
+    assert torch.equal(index, keep) and torch.equal(value, dense[keep])
+    swapped = C.merge_topk(b, a, 3)
+    assert torch.equal(swapped[0], index) and torch.equal(swapped[1], value)
+    small = C.merge_topk(a, b, 10)
+    assert small[0].tolist() == [0, 1, 4, 7, 9, 12]
+
+
+def test_cost_model_knows_gtopk():
+    topk = hvd_qpr.Compression.topk(0.001)
+    n = 10**7
+    assert C.feasible_aggregations(topk)[0] == "gtopk"
+    for m in (4, 16, 1024):
+        gt = C.estimate_seconds("gtopk", topk, n, m, C.Link())
+        ag = C.estimate_seconds("allgather", topk, n, m, C.Link())
+        assert gt < ag  # k log M against k (M - 1)
+        assert C.choose_aggregation(topk, n, m) == "gtopk"
+    assert "gtopk" not in C.feasible_aggregations(hvd_qpr.Compression.qsgd())
