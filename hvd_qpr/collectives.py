@@ -276,6 +276,16 @@ def _is_raw(frame: torch.Tensor) -> bool:
 # ---- aggregations -------------------------------------------------------------------------------
 
 
+def _agree_on_k(x: torch.Tensor, compressor: Compressor, comm: Comm, name: str) -> Pipeline:
+    """For adaptive compressors: every rank proposes a k for x, all take the largest."""
+    if not compressor.traits.adaptive:
+        return
+    proposal = torch.tensor([compressor.propose_k(x)], dtype=torch.int64, device=x.device)
+    pending = comm.allreduce_(proposal, f"{name}.k", op=hvd.Max)
+    yield
+    compressor.agree_k(int(comm.wait(pending)))
+
+
 def allreduce_dense(
     x: torch.Tensor,
     compressor: Compressor,
@@ -352,6 +362,7 @@ def scatter_gather(
     """alltoall of compressed chunks, a reduction per chunk owner, one requantization, allgather."""
     m, rank = comm.size, comm.rank
     x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    yield from _agree_on_k(x, compressor, comm, name)
     flat = x.reshape(-1)
     bounds = chunk_bounds(flat.numel(), m, getattr(compressor, "bucket_size", 1))
     frames = [
@@ -392,6 +403,7 @@ def allgather(
     """Every worker's payload gathered and decoded by everyone, summed in rank order."""
     m = comm.size
     x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    yield from _agree_on_k(x, compressor, comm, name)
     n = x.numel()
     frame = _encode(compressor, x.reshape(-1), derive_seed(seed, PHASE_SEND))
     pending = comm.allgather(frame, f"{name}.gather")
@@ -476,9 +488,11 @@ def gtopk(
     x = compressor.add_residual(x, segments) if compressor.needs_residual else x
     flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
+    # NaN and Inf rank above every magnitude in topk, so they survive every merge and reach all
+    # workers, as they would through Horovod (mixed-precision loss scaling looks for them)
+    finite = bool(torch.isfinite(flat).all())
+    yield from _agree_on_k(flat, compressor, comm, name)
     k = compressor.k(n)
-    if not bool(torch.isfinite(flat).all()):
-        raise FloatingPointError(f"gtopk: {name} holds NaN or Inf; it cannot be sparsified")
     index, value = compressor.select(flat, k, derive_seed(seed, PHASE_SEND))
     order = index.argsort()
     mine = (index[order], value[order])
@@ -502,7 +516,7 @@ def gtopk(
             current = merge_topk(*pair, k)
         else:
             current = theirs
-    if compressor.needs_residual:
+    if compressor.needs_residual and finite:
         survived = torch.isin(mine[0], current[0])
         sent = flat.new_zeros(n)
         sent[mine[0][survived]] = mine[1][survived]
@@ -582,6 +596,8 @@ def feasible_aggregations(compressor: Compressor) -> list[str]:
     if compressor.traits.sum_compatible:
         return ["allreduce"]
     modes = ["scatter-gather", "allgather"]
+    if compressor.traits.adaptive:  # one k for the whole tensor: no per-chunk payloads
+        return ["gtopk", "allgather"]
     if compressor.traits.sparse:
         return ["gtopk", *modes]
     # packed-sum sends fixed-width fields: it would drop a variable-length (Elias) coding

@@ -24,7 +24,13 @@ from hvd_qpr.compression.opaque import OpaqueCompressor
 from hvd_qpr.compression.qsgd import QSGDCompressor
 from hvd_qpr.compression.registry import from_name, names, register
 from hvd_qpr.compression.sign import EFSignCompressor, TernGradCompressor
-from hvd_qpr.compression.sparse import RandomKCompressor, SparseCompressor, TopKCompressor
+from hvd_qpr.compression.sparse import (
+    AdaptiveTopKCompressor,
+    NormFractionPolicy,
+    RandomKCompressor,
+    SparseCompressor,
+    TopKCompressor,
+)
 
 _NONE = NoneCompressor()
 _FP16 = CastCompressor(torch.float16)
@@ -35,6 +41,7 @@ register("fp16")(lambda: _FP16)
 register("bf16")(lambda: _BF16)
 register("qsgd")(QSGDCompressor)
 register("topk")(TopKCompressor)
+register("adaptive_topk")(AdaptiveTopKCompressor)
 register("randomk")(RandomKCompressor)
 register("terngrad")(TernGradCompressor)
 register("efsign")(EFSignCompressor)
@@ -69,6 +76,11 @@ class Compression:
         return TopKCompressor(ratio, approximate)
 
     @staticmethod
+    def adaptive_topk(policy: object = None) -> AdaptiveTopKCompressor:
+        """Top-k with k agreed every round from a policy; see :class:`AdaptiveTopKCompressor`."""
+        return AdaptiveTopKCompressor(policy)
+
+    @staticmethod
     def randomk(ratio: float = 0.01, seed: int = 0) -> RandomKCompressor:
         """Random-k sparsification, unbiased; see :class:`RandomKCompressor`."""
         return RandomKCompressor(ratio, seed)
@@ -88,6 +100,8 @@ class Compression:
 
 
 __all__ = [
+    "AdaptiveTopKCompressor",
+    "NormFractionPolicy",
     "CastCompressor",
     "Compression",
     "Compressor",

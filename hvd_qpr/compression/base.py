@@ -38,6 +38,8 @@ class CompressorTraits:
         sparse: the payload is (indices, values) of a few entries (Top-k, Random-k).
         needs_error_feedback: biased on its own (sign compression); the optimizer warns when
             it runs without :class:`ErrorFeedback`.
+        adaptive: the payload size (k) is agreed by all ranks every round: the aggregation
+            all-reduces ``propose_k`` (max) and calls ``agree_k`` before encoding.
     """
 
     sum_compatible: bool
@@ -45,6 +47,7 @@ class CompressorTraits:
     shared_scale: bool = False
     sparse: bool = False
     needs_error_feedback: bool = False
+    adaptive: bool = False
 
 
 class Compressor(HorovodCompressor):

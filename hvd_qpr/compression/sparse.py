@@ -124,3 +124,87 @@ class RandomKCompressor(SparseCompressor):
         g = torch.Generator(device=x.device).manual_seed(seed % 2**63)
         index = torch.randperm(x.numel(), generator=g, device=x.device)[:k]
         return index, x[index] * (x.numel() / k)
+
+
+class NormFractionPolicy:
+    """Adaptive-k rule: the smallest k whose largest |x| entries keep ``fraction`` of x's squared
+    l2 norm, capped at ``max_bytes`` of payload (8 bytes an entry) and at least ``min_k``.
+
+    Another rule (e.g. Ruan et al.'s) is a class with the same ``__call__(x) -> int``.
+
+    Example:
+        >>> NormFractionPolicy(0.5)(torch.tensor([3.0, 1.0, 1.0, 1.0]))
+        1
+    """
+
+    def __init__(self, fraction: float = 0.9, max_bytes: int | None = None, min_k: int = 1) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"NormFractionPolicy: fraction must be in (0, 1], got {fraction!r}")
+        if max_bytes is not None and max_bytes < 8:
+            raise ValueError(f"NormFractionPolicy: max_bytes must be >= 8, got {max_bytes!r}")
+        self.fraction, self.max_bytes, self.min_k = fraction, max_bytes, min_k
+
+    def __call__(self, x: torch.Tensor) -> int:
+        energy = x.to(torch.float32).square().sort(descending=True).values.cumsum(0)
+        if energy.numel() == 0 or energy[-1] == 0:
+            return self.min_k
+        k = int(torch.searchsorted(energy, self.fraction * energy[-1])) + 1
+        if self.max_bytes is not None:
+            k = min(k, self.max_bytes // 8)
+        return max(self.min_k, min(k, x.numel()))
+
+    def __repr__(self) -> str:
+        return f"NormFractionPolicy(fraction={self.fraction}, max_bytes={self.max_bytes})"
+
+
+class AdaptiveTopKCompressor(TopKCompressor):
+    """Top-k whose k is chosen anew every synchronization (Adaptive Top-K, Ruan et al., arXiv
+    2210.13532): each worker's policy proposes a k for its input and the ranks agree on the
+    largest proposal with one small all-reduce (the aggregation does it: ``traits.adaptive``).
+
+    Args:
+        policy: a callable x -> k; default :class:`NormFractionPolicy` (90% of the norm).
+
+    Example:
+        >>> c = AdaptiveTopKCompressor(NormFractionPolicy(0.5))
+        >>> c.agree_k(c.propose_k(torch.tensor([3.0, 1.0, 1.0, 1.0])))
+        >>> c.k(4)
+        1
+    """
+
+    traits = CompressorTraits(sum_compatible=False, sparse=True, adaptive=True)
+
+    def __init__(self, policy: object = None, seed: int = 0) -> None:
+        super().__init__(ratio=1.0, seed=seed)
+        self.policy = policy if policy is not None else NormFractionPolicy()
+        if not callable(self.policy):
+            raise TypeError(f"adaptive_topk: policy must be callable, got {self.policy!r}")
+        self.name = f"adaptive_topk({self.policy!r})"
+        self._k: int | None = None
+
+    def propose_k(self, x: torch.Tensor) -> int:
+        """This worker's k for x, checked."""
+        k = self.policy(x.reshape(-1))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= x.numel():
+            raise ValueError(
+                f"adaptive_topk: policy {self.policy!r} returned k={k!r} for a tensor of "
+                f"{x.numel()} values; it must be an int in 1..{x.numel()}"
+            )
+        return k
+
+    def agree_k(self, k: int) -> None:
+        """The k all ranks agreed on, used by the next encode/decode."""
+        self._k = int(k)
+
+    def k(self, numel: int) -> int:
+        if self._k is None:  # used outside an aggregation: decide alone
+            raise RuntimeError("adaptive_topk: no k agreed yet (call agree_k or propose_k first)")
+        return min(self._k, numel)
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        if self._k is None:
+            self.agree_k(self.propose_k(x))
+        return super().encode(x, seed)
+
+    def payload_bytes(self, numel: int) -> float:
+        return 8.0 * (self._k if self._k is not None else max(1, numel // 100))

@@ -346,19 +346,33 @@ def check_gtopk() -> None:
     p = 1 << (SIZE.bit_length() - 1)
     rounds = p.bit_length() - 1
     check(comm.stats.wire_bytes - before <= (rounds + 1) * 8 * comp.k(n), "gtopk sent too much")
-    for k in (1, 3):  # through the optimizer, on gradients and on model differences
+
+    class RankPolicy:  # every rank proposes its own k; they agree on the largest
+        def __call__(self, x):
+            return 5 + RANK
+
+    adaptive = hvd_qpr.Compression.adaptive_topk(RankPolicy())
+    for mode in (collectives.gtopk, collectives.allgather):
+        collectives.finish(mode(inputs[RANK], adaptive, comm, f"adaptive.{mode.__name__}", [], 2))
+        check(adaptive.k(n) == 4 + SIZE, f"agreed k {adaptive.k(n)}, expected {4 + SIZE}")
+    for k, comp in (
+        (1, hvd_qpr.Compression.topk(0.05)),
+        (3, hvd_qpr.Compression.topk(0.05)),
+        (2, hvd_qpr.Compression.adaptive_topk()),
+    ):
+        # through the optimizer, on gradients and on model differences
         model = make_net()
         opt = hvd_qpr.DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1),
             model.named_parameters(),
-            compression=hvd_qpr.Compression.topk(0.05),
+            compression=comp,
             error_feedback=True,
             aggregation="gtopk",
             local_steps=k,
         )
         for step in range(3):
             train_step(model, opt, step)
-            if k == 1 or step == 2:
+            if k == 1 or step + 1 == k:
                 check(same_on_all_ranks(model, f"gtopk.train{k}.{step}"), "ranks differ")
 
 

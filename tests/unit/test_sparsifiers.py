@@ -111,3 +111,43 @@ def test_registry_and_traits():
     assert hvd_qpr.Compression.from_name("terngrad").traits.shared_scale
     p, ctx = topk.compress(random_input(300).view(3, 100))
     assert topk.decompress(p, ctx).shape == (3, 100)
+
+
+def test_norm_fraction_policy():
+    from hvd_qpr.compression import NormFractionPolicy
+
+    x = torch.tensor([3.0, -1.0, 1.0, 1.0, 0.0])  # squared: 9, 1, 1, 1 of 12
+    assert NormFractionPolicy(0.75)(x) == 1
+    assert NormFractionPolicy(0.76)(x) == 2
+    assert NormFractionPolicy(1.0)(x) == 4
+    assert NormFractionPolicy(1.0, max_bytes=16)(x) == 2
+    assert NormFractionPolicy(0.5)(torch.zeros(7)) == 1
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(10_000, generator=g)
+    k = NormFractionPolicy(0.9)(y)
+    top = y.square().sort(descending=True).values
+    assert top[:k].sum() >= 0.9 * top.sum() > top[: k - 1].sum()
+    with pytest.raises(ValueError, match="fraction must be in"):
+        NormFractionPolicy(0)
+    with pytest.raises(ValueError, match="max_bytes must be >= 8"):
+        NormFractionPolicy(0.5, max_bytes=4)
+
+
+def test_adaptive_topk_checks_its_policy():
+    from hvd_qpr.compression import AdaptiveTopKCompressor
+
+    x = random_input(100)
+    for bad in (0, 101, 2.5, True):
+        c = AdaptiveTopKCompressor(policy=lambda v, bad=bad: bad)
+        with pytest.raises(ValueError, match=f"returned k={bad!r} for a tensor of 100 values"):
+            c.propose_k(x)
+    c = hvd_qpr.Compression.adaptive_topk()
+    with pytest.raises(RuntimeError, match="no k agreed yet"):
+        c.k(100)
+    payload = c.encode(x, 0)  # alone: its own proposal
+    assert payload.numel() == 8 * c.k(100) and c.traits.adaptive
+    c.agree_k(7)
+    assert c.encode(x, 0).numel() == 56
+    with pytest.raises(TypeError, match="policy must be callable"):
+        AdaptiveTopKCompressor(policy=3)
+    assert hvd_qpr.Compression.from_name("adaptive_topk").traits.sparse
