@@ -35,9 +35,7 @@ def test_ready_made_compressors_and_traits():
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(
-        ValueError, match=r"unknown compressor 'topq'.*\['bf16', 'efsign', 'fp16', 'none'"
-    ):
+    with pytest.raises(ValueError, match=r"unknown compressor 'topq'; registered .*'bf16'.*'qsgd'"):
         hvd_qpr.Compression.from_name("topq")
     with pytest.raises(ValueError, match="already registered"):
         register("qsgd")(QSGDCompressor)
