@@ -61,6 +61,7 @@ DEFAULT_METHODS = [
 ]
 QUICK_METHODS = ["parallel-sgd", "pr-sgd", "qpr-4bit-auto"]
 TARGET_MARGIN = 0.005  # the target is parallel SGD's final accuracy minus 0.5 points
+BASELINES = ("parallel-sgd", "pr-sgd")  # what --baseline takes from an earlier run
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -299,6 +300,7 @@ def markdown(results: dict) -> str:
         f"momentum 0.9; QPR K={c['local_steps']}, PR-SGD K={c['pr_local_steps']}; evaluation "
         f"every {c['eval_every']} steps, excluded from the time"
         + (f"; time budget {c['time_budget']:g} s" if math.isfinite(c["time_budget"]) else "")
+        + (f"; parallel SGD and PR-SGD rows from {c['baseline']}" if c.get("baseline") else "")
         + f". Target: {results['target_accuracy']:.3f} (parallel SGD's final accuracy minus "
         "0.5 points). Written by `benchmarks/netsim.py` on "
         f"{time.strftime('%Y-%m-%d', time.gmtime(c['started']))}.",
@@ -401,6 +403,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="2 workers, synthetic data, 3 methods")
     p.add_argument("--replot", type=Path, help="redo plots and table from a results JSON")
     p.add_argument("--tag", default="", help="suffix of the results' file names")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="take parallel-sgd and PR-SGD from this earlier run's JSON (same workers, bandwidth, "
+        "workload, epochs, batch size, lr) instead of running them again",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.workers, args.workload, args.hidden, args.epochs = 2, "synthetic", 256, 2
@@ -411,6 +419,26 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if args.eval_every % m.local_steps:
             p.error(f"--eval-every {args.eval_every} must be a multiple of {m.name}'s K")
     return args
+
+
+def baseline_results(args: argparse.Namespace) -> dict:
+    """parallel-sgd and PR-SGD rows (and the target) of an earlier run of the same setting."""
+    earlier = json.loads(args.baseline.read_text())
+    config = earlier["config"]
+    for key in ("workers", "bandwidth_mbit", "workload", "epochs", "batch_size", "lr"):
+        if config[key] != getattr(args, key):
+            raise SystemExit(
+                f"--baseline ran with {key}={config[key]!r}, this run has {getattr(args, key)!r}"
+            )
+    kept = {n: r for n, r in earlier["methods"].items() if n.split("@")[0] in BASELINES}
+    config = dict(
+        config,
+        baseline=str(args.baseline.name),
+        eval_every=args.eval_every,
+        local_steps=args.local_steps,
+        tag=args.tag,
+    )
+    return {"config": config, "methods": kept, "target_accuracy": earlier["target_accuracy"]}
 
 
 def report(results: dict, stem: Path, results_md: Path) -> str:
@@ -432,8 +460,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     chosen = methods(args.methods, args.local_steps, args.pr_local_steps)
-    if "parallel-sgd" not in args.methods:
-        raise SystemExit("--methods must include parallel-sgd: it sets the target accuracy")
+    results: dict = {"config": {}, "methods": {}, "target_accuracy": None}
+    if args.baseline:
+        results = baseline_results(args)
+        chosen = [m for m in chosen if m.name not in results["methods"]]
+    elif "parallel-sgd" not in args.methods:
+        raise SystemExit("--methods must include parallel-sgd (it sets the target accuracy)")
     chosen.sort(key=lambda m: m.name != "parallel-sgd")  # the target comes from it
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / (
@@ -441,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
         + ("_quick" if args.quick else "")
         + (f"_{args.tag}" if args.tag else "")
     )
-    results: dict = {"config": {}, "methods": {}, "target_accuracy": None}
     cluster = Cluster(args.workers, args.bandwidth_mbit)
     print(
         f"netsim: cluster {cluster.tag}, {args.workers} workers, {args.bandwidth_mbit:g} Mbit/s "

@@ -149,18 +149,11 @@ def _register_defaults(add: Callable[[Method], Method]) -> None:
 
 def _register_sparsifiers(add: Callable[[Method], Method]) -> None:
     # on gradients every step (K=1, as the gTop-k paper) and on model differences (K from flags)
-    add(Method("topk-ef", "hvd_qpr", "topk", error_feedback=True, aggregation="allgather"))
     for density, tag in ((0.01, ""), (0.001, "-0.001")):
-        add(
-            Method(
-                f"gtopk-ef{tag}",
-                "hvd_qpr",
-                "topk",
-                error_feedback=True,
-                aggregation="gtopk",
-                ratio=density,
-            )
-        )
+        for name, mode in (("topk", "allgather"), ("gtopk", "gtopk")):
+            m = Method(f"{name}-ef{tag}", "hvd_qpr", "topk", error_feedback=True, ratio=density)
+            add(dataclasses.replace(m, aggregation=mode))
+    add(Method("adaptive-topk-ef", "hvd_qpr", "adaptive_topk", error_feedback=True))
     add(Method("topk-ef-pr", "hvd_qpr", "topk", error_feedback=True, uses_k="qpr"))
     add(Method("randomk-pr", "hvd_qpr", "randomk", uses_k="qpr"))
     add(Method("terngrad", "hvd_qpr", "terngrad"))

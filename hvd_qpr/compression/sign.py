@@ -43,8 +43,9 @@ class EFSignCompressor(OpaqueCompressor):
         n, nb = flat.numel(), self._buckets(flat.numel())
         padded = torch.cat([flat.abs(), flat.new_zeros(nb * self.bucket_size - n)])
         counts = torch.full((nb,), float(self.bucket_size), device=flat.device)
-        counts[-1] = n - (nb - 1) * self.bucket_size
-        scales = padded.view(nb, -1).sum(1) / counts
+        if nb:
+            counts[-1] = n - (nb - 1) * self.bucket_size
+        scales = padded.view(nb, self.bucket_size).sum(1) / counts
         signs = ops.pack_bits((flat >= 0).to(torch.uint8), 1)
         return torch.cat([scales.view(torch.uint8), signs])
 

@@ -123,7 +123,7 @@ class RandomKCompressor(SparseCompressor):
     def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator(device=x.device).manual_seed(seed % 2**63)
         index = torch.randperm(x.numel(), generator=g, device=x.device)[:k]
-        return index, x[index] * (x.numel() / k)
+        return index, x[index] * (x.numel() / max(k, 1))
 
 
 class NormFractionPolicy:

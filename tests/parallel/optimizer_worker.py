@@ -120,7 +120,10 @@ def equals_horovod(make_opt, clip: bool, tag: str, passes: int = 1) -> None:
     if SIZE == 2:
         check(torch.equal(a, b), f"{tag}: differs from hvd by {(a - b).abs().max():.3g}")
     else:
-        check(torch.allclose(a, b, rtol=1e-6, atol=1e-7), f"{tag}: {(a - b).abs().max():.3g}")
+        # Horovod's fused ring sums differ in order between the two runs: 1e-6 relative to the
+        # parameters' scale
+        gap = (a - b).abs().max()
+        check(bool(gap <= 1e-6 * a.abs().max()), f"{tag}: differs from hvd by {gap:.3g}")
     check(same_on_all_ranks(our_model, f"eq.{tag}"), "ranks differ")
 
 

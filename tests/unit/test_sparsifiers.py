@@ -151,3 +151,10 @@ def test_adaptive_topk_checks_its_policy():
     with pytest.raises(TypeError, match="policy must be callable"):
         AdaptiveTopKCompressor(policy=3)
     assert hvd_qpr.Compression.from_name("adaptive_topk").traits.sparse
+
+
+def test_empty_tensors():
+    C = hvd_qpr.Compression
+    for c in (C.topk(0.1), C.topk(0.1, approximate=True), C.randomk(0.1), C.terngrad(), C.efsign()):
+        payload = c.encode(torch.zeros(0), 1)
+        assert c.decode(payload, 0).numel() == 0, c
