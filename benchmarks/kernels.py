@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -73,6 +73,7 @@ class Record:
     seconds: float
     gbytes_per_s: float
     machine: str
+    density: float | None = None  # Top-k selection records only
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,26 @@ def bench_copy(inputs: Sequence[torch.Tensor], device: torch.device, repeats: in
     return median_seconds(lambda call: out.copy_(inputs[call % n]), device, repeats)
 
 
+def bench_topk(
+    inputs: Sequence[torch.Tensor], density: float, device: torch.device, repeats: int
+) -> dict[str, float]:
+    """Median seconds of Top-k selection (indices and values of the k largest magnitudes):
+    ``torch.topk`` over everything against the sampled threshold (``approximate=True``)."""
+    from hvd_qpr.compression import TopKCompressor
+
+    n = len(inputs)
+    k = TopKCompressor(density).k(inputs[0].numel())
+    results = {}
+    for impl, compressor in (
+        ("exact", TopKCompressor(density)),
+        ("approximate", TopKCompressor(density, approximate=True)),
+    ):
+        results[impl] = median_seconds(
+            lambda call, c=compressor: c.select(inputs[call % n], k, call), device, repeats
+        )
+    return results
+
+
 def gbytes_per_s(numel: int, seconds: float) -> float:
     """Throughput counted as the float32 input size: ``numel * 4 / seconds / 1e9``."""
     return numel * 4 / seconds / 1e9
@@ -320,6 +341,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--bucket-size", type=int, default=512)
     parser.add_argument(
+        "--topk-densities",
+        type=float,
+        nargs="*",
+        default=[0.001, 0.01],
+        help="Top-k selection densities to time (default: 0.001 0.01; none to skip)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         nargs="+",
@@ -412,6 +440,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.no_reference:
                     notes.append("reference not timed (--no-reference)")
                 print_table(numel, bits, args.bucket_size, threads, copy_seconds, times, notes)
+                if args.json:
+                    write_json(args.json, records)
+            for density in args.topk_densities:
+                topk = bench_topk(inputs, density, device, args.repeats)
+                for impl, seconds in topk.items():
+                    record = make_record("topk_select", impl, seconds, None, None, common)
+                    records.append(replace(record, density=density))
+                print(
+                    f"top-k selection, density {density:g}, {numel} values, {threads} thread(s): "
+                    + ", ".join(
+                        f"{impl} {format_seconds(t)} ({format_ratio(t, copy_seconds)} of copy)"
+                        for impl, t in topk.items()
+                    )
+                )
                 if args.json:
                     write_json(args.json, records)
         del inputs

@@ -53,6 +53,13 @@ def test_kernel_benchmark_records(tmp_path):
             for op in ("quantize", "dequantize", "elias_encode", "elias_decode"):
                 assert (op, "native", bits, threads) in ops
                 assert (op, "reference", bits, threads) in ops
+        for density in (0.001, 0.01):
+            for impl in ("exact", "approximate"):
+                assert any(
+                    (r["op"], r["impl"], r["density"], r["threads"])
+                    == ("topk_select", impl, density, threads)
+                    for r in records
+                )
     for r in records:
         assert r["seconds"] > 0
         expected = r["numel"] * 4 / r["seconds"] / 1e9
