@@ -40,6 +40,8 @@ class Method:
         uses_k: whether the harness's ``--local-steps`` (QPR) or ``--pr-local-steps`` (PR)
             sets K: ``"qpr"``, ``"pr"`` or ``""`` (K stays as given).
         ratio: density of a sparsifier (its default when None).
+        approximate: Top-k's sampled-threshold selection.
+        warmup_steps: first steps averaging dense gradients.
     """
 
     name: str
@@ -52,6 +54,8 @@ class Method:
     error_feedback: bool = False
     uses_k: str = ""
     ratio: float | None = None
+    approximate: bool = False
+    warmup_steps: int = 0
 
     def with_local_steps(self, qpr_k: int, pr_k: int) -> Method:
         k = {"qpr": qpr_k, "pr": pr_k}.get(self.uses_k, self.local_steps)
@@ -60,6 +64,10 @@ class Method:
     def compressor(self) -> object:
         if self.compression == "qsgd":
             return hvd_qpr.Compression.qsgd(bits=self.bits, elias=self.elias)
+        if self.approximate:
+            return hvd_qpr.Compression.from_name(
+                self.compression, ratio=self.ratio, approximate=True
+            )
         if self.ratio is not None:
             return hvd_qpr.Compression.from_name(self.compression, ratio=self.ratio)
         return hvd_qpr.Compression.from_name(self.compression)
@@ -83,6 +91,7 @@ class Method:
             named_parameters=model.named_parameters(),
             compression=self.compressor(),
             local_steps=self.local_steps,
+            warmup_steps=self.warmup_steps,
             aggregation=self.aggregation,
             error_feedback=self.error_feedback,
             named_buffers=model.named_buffers(),
@@ -154,6 +163,9 @@ def _register_sparsifiers(add: Callable[[Method], Method]) -> None:
             m = Method(f"{name}-ef{tag}", "hvd_qpr", "topk", error_feedback=True, ratio=density)
             add(dataclasses.replace(m, aggregation=mode))
     add(Method("adaptive-topk-ef", "hvd_qpr", "adaptive_topk", error_feedback=True))
+    for name, mode in (("topk", "allgather"), ("gtopk", "gtopk")):  # with a dense warm-up
+        m = Method(f"{name}-ef-0.001-warm", "hvd_qpr", "topk", error_feedback=True, ratio=0.001)
+        add(dataclasses.replace(m, aggregation=mode, approximate=True, warmup_steps=33))
     add(Method("topk-ef-pr", "hvd_qpr", "topk", error_feedback=True, uses_k="qpr"))
     add(Method("randomk-pr", "hvd_qpr", "randomk", uses_k="qpr"))
     add(Method("terngrad", "hvd_qpr", "terngrad"))
