@@ -319,7 +319,7 @@ def packed_sum(
 ) -> Pipeline:
     """Shared scales, integer fields with headroom, one ring all-reduce of int64 words."""
     m = comm.size
-    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    x = compressor.add_residual(x, segments)  # identity without error feedback
     finite = bool(torch.isfinite(x).all())
     if finite:
         scales = compressor.bucket_scales(x)
@@ -361,7 +361,7 @@ def scatter_gather(
 ) -> Pipeline:
     """alltoall of compressed chunks, a reduction per chunk owner, one requantization, allgather."""
     m, rank = comm.size, comm.rank
-    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    x = compressor.add_residual(x, segments)  # identity without error feedback
     yield from _agree_on_k(x, compressor, comm, name)
     flat = x.reshape(-1)
     bounds = chunk_bounds(flat.numel(), m, getattr(compressor, "bucket_size", 1))
@@ -402,7 +402,7 @@ def allgather(
 ) -> Pipeline:
     """Every worker's payload gathered and decoded by everyone, summed in rank order."""
     m = comm.size
-    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    x = compressor.add_residual(x, segments)  # identity without error feedback
     yield from _agree_on_k(x, compressor, comm, name)
     n = x.numel()
     frame = _encode(compressor, x.reshape(-1), derive_seed(seed, PHASE_SEND))
@@ -485,7 +485,7 @@ def gtopk(
 ) -> Pipeline:
     """gTop-k sparse all-reduce; the residual keeps what of this worker's top-k did not survive."""
     m, rank = comm.size, comm.rank
-    x = compressor.add_residual(x, segments) if compressor.needs_residual else x
+    x = compressor.add_residual(x, segments)  # identity without error feedback
     flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
     # NaN and Inf rank above every magnitude in topk, so they survive every merge and reach all
