@@ -491,6 +491,94 @@ def check_comm_stats() -> None:
     check(opt.comm_stats()["payload_bytes"] == 0, "reset")
 
 
+class HandedToHorovod:
+    """Records the bytes of every tensor given to Horovod's asynchronous collectives, and what
+    DESIGN.md 2.3 says each puts on the wire, independently of Comm's own counting."""
+
+    def __init__(self) -> None:
+        self.payload = 0
+        self.wire = 0.0
+        self.gathered: list[int] = []  # allgather inputs; their totals need the other ranks
+        self.saved = {}
+
+    def __enter__(self) -> HandedToHorovod:
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        def allreduce(tensor, *args, **kwargs):
+            self.payload += nbytes(tensor)
+            self.wire += 2 * (SIZE - 1) / SIZE * nbytes(tensor)
+            return self.saved["allreduce_async_"](tensor, *args, **kwargs)
+
+        def allgather(tensor, *args, **kwargs):
+            self.payload += nbytes(tensor)
+            self.gathered.append(nbytes(tensor))
+            return self.saved["allgather_async"](tensor, *args, **kwargs)
+
+        def alltoall(tensor, *args, splits=None, **kwargs):
+            self.payload += nbytes(tensor)
+            self.wire += nbytes(tensor) - int(splits[RANK]) * tensor.element_size()
+            return self.saved["alltoall_async"](tensor, *args, splits=splits, **kwargs)
+
+        for name, fn in (
+            ("allreduce_async_", allreduce),
+            ("allgather_async", allgather),
+            ("alltoall_async", alltoall),
+        ):
+            self.saved[name] = getattr(hvd, name)
+            setattr(hvd, name, fn)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.saved.items():
+            setattr(hvd, name, fn)
+
+    def total_wire(self, tag: str) -> float:
+        sizes = torch.tensor(self.gathered, dtype=torch.int64)
+        table = hvd.allgather(sizes[None], name=f"handed.{tag}")  # same count on every rank
+        return self.wire + (SIZE - 1) / SIZE * float(table.sum())
+
+
+def check_payload_is_what_horovod_gets() -> None:
+    C = hvd_qpr.Compression
+    runs = [
+        (C.topk(0.05), True, "allgather", 1),
+        (C.topk(0.05, approximate=True), True, "gtopk", 2),
+        (C.adaptive_topk(), True, "gtopk", 1),
+        (C.randomk(0.2), False, "allgather", 2),
+        (C.terngrad(), False, "auto", 1),
+        (C.efsign(), True, "allgather", 2),
+        (C.qsgd(bits=4, elias=True), False, "allgather", 2),
+        (C.qsgd(bits=2), False, "packed-sum", 2),
+        (C.qsgd(bits=4), False, "scatter-gather", 2),
+    ]
+    for i, (comp, ef, mode, k) in enumerate(runs):
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=comp,
+            error_feedback=ef,
+            aggregation=mode,
+            local_steps=k,
+            min_compress_numel=64,
+        )
+        with HandedToHorovod() as handed:
+            for step in range(2 * k):
+                train_step(model, opt, step)
+        stats = opt.comm_stats()
+        what = f"{comp} {mode} K={k}"
+        check(
+            stats["payload_bytes"] == handed.payload,
+            f"{what}: payload {stats['payload_bytes']} counted, {handed.payload} handed to Horovod",
+        )
+        wire = handed.total_wire(str(i))
+        check(
+            abs(stats["wire_bytes"] - wire) <= 1e-6 * wire,
+            f"{what}: wire {stats['wire_bytes']} counted, {wire} by DESIGN.md 2.3",
+        )
+
+
 # ---- buffers are averaged at each model average --------------------------------------------------
 
 
@@ -636,6 +724,7 @@ def main() -> None:
     run("resume", check_resume)
     run("broadcast_optimizer_state", check_broadcast_optimizer_state)
     run("comm_stats", check_comm_stats)
+    run("payload_is_what_horovod_gets", check_payload_is_what_horovod_gets)
     run("buffers", check_buffers)
     run("mismatches", check_mismatches)
     run("nan_model_difference", check_nan_model_difference)

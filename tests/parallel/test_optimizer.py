@@ -13,7 +13,7 @@ import pytest
 
 WORKER = Path(__file__).with_name("optimizer_worker.py")
 ROOT = WORKER.parents[2]
-MIN_CHECKS = 18
+MIN_CHECKS = 19
 
 
 @pytest.mark.timeout(300)
