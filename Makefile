@@ -57,7 +57,10 @@ bench-net: install
 		qpr-4bit-elias@32 qpr-2bit-scatter-gather@32
 	$(PY) benchmarks/netsim.py --workers 2 --bandwidth-mbit 100 --epochs 15 --methods \
 		parallel-sgd pr-sgd qpr-4bit-auto qpr-2bit-scatter-gather qpr-2bit-elias
-	$(PY) benchmarks/scale_model.py --markdown benchmarks/results/scale_model.md
+	$(PY) benchmarks/scale_model.py --tag digits --results-md benchmarks/RESULTS.md
+	$(PY) benchmarks/scale_model.py --tag resnet50size --title "a ResNet-50-sized workload" \
+		--netsim none --parameters 25557032 --compute-ms 100 --dataset-steps 40037 \
+		--results-md benchmarks/RESULTS.md
 
 demo: install
 	$(PY) examples/demo.py

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from netsim_methods import Method, method_names, methods  # noqa: E402
+from results_md import update_results_md  # noqa: E402
 
 SUBNET = "198.18.0"
 BRIDGE_ADDR = f"{SUBNET}.1"
@@ -319,23 +319,6 @@ def markdown(results: dict) -> str:
             f"| {r['final_accuracy']:.3f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def update_results_md(path: Path, key: str, section: str) -> None:
-    """Replaces (or appends) the section between this key's markers in path."""
-    begin, end = f"<!-- netsim:{key} -->", f"<!-- /netsim:{key} -->"
-    text = (
-        path.read_text()
-        if path.exists()
-        else (
-            "# Bandwidth-limited benchmark results\n\nSections are written by "
-            "`benchmarks/netsim.py`, one per workload, worker count and bandwidth.\n\n"
-        )
-    )
-    block = f"{begin}\n{section}{end}\n"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
-    text = pattern.sub(lambda _: block, text) if begin in text else text + "\n" + block
-    path.write_text(text)
 
 
 def plot(results: dict, stem: Path) -> list[Path]:

@@ -34,19 +34,32 @@ import dataclasses
 import glob
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hvd_qpr.collectives import Link, choose_aggregation, estimate_seconds, feasible_aggregations
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_md import update_results_md  # noqa: E402
+
+from hvd_qpr.collectives import (
+    Link,
+    choose_aggregation,
+    estimate_seconds,
+    estimate_wire_bytes,
+    feasible_aggregations,
+)
 from hvd_qpr.compression import Compression, Compressor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS: tuple[int, ...] = tuple(2**k for k in range(1, 11))
 BANDWIDTHS_GBIT: tuple[float, ...] = (1.0, 10.0, 100.0)
 REPORT_WORKERS: tuple[int, ...] = (2, 16, 128, 1024)
+WIRE_WORKERS: tuple[int, ...] = (2, 4, 16, 64, 256, 1024)
 QPR_MODES: tuple[str, ...] = ("packed-sum", "scatter-gather", "allgather", "auto")
+SPARSE_MODES: tuple[str, ...] = ("allgather", "gtopk")
 # Used when neither a harness result nor a flag gives them: ResNet-50 on ImageNet, 32 images a
 # worker and step (1,281,167 images), 100 ms a step.
 DEFAULT_PARAMETERS = 25_557_032
@@ -61,12 +74,15 @@ class Spec:
 
     Attributes:
         optimizer: ``"horovod"`` or ``"hvd_qpr"``.
-        compression: ``"none"``, ``"fp16"``, ``"bf16"`` or ``"qsgd"``.
+        compression: ``"none"``, ``"fp16"``, ``"bf16"``, ``"qsgd"`` or another registered
+            compressor name (built with its defaults, and ``ratio`` for a sparsifier).
         bits: QSGD bits a value (None otherwise).
         elias: whether QSGD levels are Elias-coded.
         local_steps: K, local steps between synchronizations.
         aggregation: one of :data:`hvd_qpr.collectives.AGGREGATIONS` or ``"auto"``.
         error_feedback: whether residuals are fed back (one more decode in some modes).
+        ratio: a sparsifier's density (its default when None).
+        approximate: Top-k's sampled-threshold selection.
 
     Example:
         >>> Spec.from_dict({"compression": "qsgd", "bits": 4, "local_steps": 8}).bits
@@ -80,6 +96,8 @@ class Spec:
     local_steps: int = 1
     aggregation: str = "allreduce"
     error_feedback: bool = False
+    ratio: float | None = None
+    approximate: bool = False
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Spec:
@@ -88,14 +106,19 @@ class Spec:
         return cls(**{k: v for k, v in spec.items() if k in names and v is not None})
 
 
-# The projected methods: (name, spec); the QPR-SGD rows are expanded over QPR_MODES.
-# K = 16 as the bandwidth-limited harness runs them by default.
+# The projected methods: (name, spec); the QPR-SGD rows are expanded over QPR_MODES, the sparse
+# ones over SPARSE_MODES. K = 16 as the bandwidth-limited harness runs them by default; Top-k at
+# K = 1 on gradients, as in the gTop-k paper (Shi et al., ICDCS 2019).
 METHODS: tuple[tuple[str, Spec], ...] = (
     ("parallel SGD fp32", Spec(optimizer="horovod")),
     ("parallel SGD fp16", Spec(optimizer="horovod", compression="fp16")),
     ("PR-SGD", Spec(local_steps=16)),
     ("QPR-SGD 4-bit", Spec(compression="qsgd", bits=4, local_steps=16)),
     ("QPR-SGD 2-bit", Spec(compression="qsgd", bits=2, local_steps=16)),
+    (
+        "Top-k 0.001 EF",
+        Spec(compression="topk", ratio=0.001, approximate=True, error_feedback=True),
+    ),
 )
 
 # Codec work of one round per mode, in multiples of n values, as functions of M and error
@@ -128,6 +151,22 @@ class KernelThroughput:
 
     per_value: dict[str, dict[int, float]]
     source: str = ""
+    select_per_value: dict[str, dict[float, float]] = dataclasses.field(default_factory=dict)
+
+    def select_seconds(self, approximate: bool, density: float, numel: float) -> float:
+        """Seconds of one Top-k selection (the measured density nearest on a log scale).
+
+        Raises:
+            ValueError: that selection was not measured.
+        """
+        impl = "approximate" if approximate else "exact"
+        table = self.select_per_value.get(impl)
+        if not table:
+            raise ValueError(
+                f"no one-thread {impl} topk_select records in {self.source or 'input'}"
+            )
+        nearest = min(table, key=lambda d: abs(math.log(d / density)))
+        return table[nearest] * numel
 
     def seconds(self, op: str, bits: int, numel: float) -> float:
         """Seconds to run op on numel values at bits (linear in bits between measured widths,
@@ -186,9 +225,12 @@ class Prediction:
     comm_seconds: float
     round_seconds: float
     epoch_seconds: float
+    wire_bytes: float
 
 
-def load_kernel_throughput(path: str | Path) -> KernelThroughput:
+def load_kernel_throughput(
+    path: str | Path, select_path: str | Path | None = None
+) -> KernelThroughput:
     """Seconds per value of each native kernel, from ``benchmarks/kernels.py`` JSON records.
 
     Uses the native records at one thread (the fewest threads measured if none has one) and, per
@@ -196,6 +238,7 @@ def load_kernel_throughput(path: str | Path) -> KernelThroughput:
 
     Args:
         path: the kernel benchmark JSON (a list of records).
+        select_path: the Top-k selection records (:func:`load_select_throughput`), if any.
 
     Returns:
         Per-op, per-bits seconds a value.
@@ -219,7 +262,29 @@ def load_kernel_throughput(path: str | Path) -> KernelThroughput:
     per_value: dict[str, dict[int, float]] = {}
     for (op, bits), r in best.items():
         per_value.setdefault(op, {})[bits] = r["seconds"] / r["numel"]
-    return KernelThroughput(per_value, str(path))
+    return KernelThroughput(per_value, str(path), load_select_throughput(select_path))
+
+
+def load_select_throughput(path: str | Path | None) -> dict[str, dict[float, float]]:
+    """Seconds per value of Top-k selection (``{impl: {density: s}}``, one thread, largest numel)
+    from ``benchmarks/kernels.py --topk-densities`` records; empty when path is None or absent.
+
+    Example:
+        >>> sorted(load_select_throughput("benchmarks/results/topk_select_cpu.json"))
+        ['approximate', 'exact']
+    """
+    if path is None or not Path(path).exists():
+        return {}
+    records = [r for r in json.loads(Path(path).read_text()) if r.get("op") == "topk_select"]
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in records:
+        key = (r["impl"], float(r["density"]))
+        if r["threads"] == 1 and (key not in best or r["numel"] > best[key]["numel"]):
+            best[key] = r
+    out: dict[str, dict[float, float]] = {}
+    for (impl, density), r in best.items():
+        out.setdefault(impl, {})[density] = r["seconds"] / r["numel"]
+    return out
 
 
 def build_compressor(spec: Spec) -> Compressor:
@@ -233,7 +298,10 @@ def build_compressor(spec: Spec) -> Compressor:
         return Compression.qsgd(bits=spec.bits or 4, elias=spec.elias)
     if spec.compression in ("none", "fp16", "bf16"):
         return getattr(Compression, spec.compression)
-    raise ValueError(f"unknown compression {spec.compression!r}")
+    kwargs: dict[str, Any] = {} if spec.ratio is None else {"ratio": spec.ratio}
+    if spec.approximate:
+        kwargs["approximate"] = True
+    return Compression.from_name(spec.compression, **kwargs)
 
 
 def resolve_mode(spec: Spec, compressor: Compressor, numel: int, workers: int, link: Link) -> str:
@@ -263,7 +331,12 @@ def codec_seconds(
         >>> codec_seconds("allgather", Spec(compression="qsgd", bits=4), 1000, 4, kt)
         5e-06
     """
-    quantize_only, encoded, decoded = CODEC_PASSES[mode](workers, spec.error_feedback)
+    if spec.compression == "topk" and mode in SPARSE_MODES:
+        # one selection a round; merging and scattering k·log M or k·M entries is left out
+        return throughput.select_seconds(spec.approximate, spec.ratio or 0.01, numel)
+    quantize_only, encoded, decoded = CODEC_PASSES.get(mode, CODEC_PASSES["allreduce"])(
+        workers, spec.error_feedback
+    )
     if spec.compression != "qsgd" or encoded + decoded == 0:
         return 0.0
     bits = spec.bits or 4
@@ -323,6 +396,7 @@ def predict_round(
         comm_seconds=comm,
         round_seconds=round_seconds,
         epoch_seconds=rounds * round_seconds,
+        wire_bytes=estimate_wire_bytes(chosen, compressor, n, workers),
     )
 
 
@@ -331,11 +405,11 @@ def projected_methods() -> list[tuple[str, Spec]]:
 
     Example:
         >>> len(projected_methods())
-        11
+        13
     """
     out: list[tuple[str, Spec]] = []
     for name, spec in METHODS:
-        modes = QPR_MODES if spec.compression == "qsgd" else (spec.aggregation,)
+        modes = {"qsgd": QPR_MODES, "topk": SPARSE_MODES}.get(spec.compression, (spec.aggregation,))
         out += [(name, dataclasses.replace(spec, aggregation=mode)) for mode in modes]
     return out
 
@@ -351,7 +425,7 @@ def sweep(
     Example:
         >>> kt = load_kernel_throughput("benchmarks/results/kernels_cpu.json")
         >>> len(sweep(Workload(), kt))
-        330
+        390
     """
     return [
         predict_round(name, spec, m, Link(gbit * 1e9 / 8, workload.latency), workload, throughput)
@@ -531,6 +605,27 @@ def projection_table(
     return "\n".join(lines)
 
 
+def wire_table(predictions: Sequence[Prediction], workers: Sequence[int] = WIRE_WORKERS) -> str:
+    """Megabytes one worker sends a round, per method and mode, at a few M (markdown; the bytes
+    do not depend on the bandwidth). The sparse rows show allgather's k·M against gTop-k's k·log M.
+
+    Example:
+        >>> wire_table(sweep(Workload(), kt)).splitlines()[0]
+        '| method | mode | M=2 | M=4 | M=16 | M=64 | M=256 | M=1024 |'
+    """
+    index = {(p.method, p.mode, p.workers): p.wire_bytes for p in predictions}
+    lines = [
+        "| method | mode | " + " | ".join(f"M={m}" for m in workers) + " |",
+        "|---|---|" + "---:|" * len(workers),
+    ]
+    # "auto" is left out: what it picks, so what it sends, depends on the bandwidth
+    for method, mode in dict.fromkeys((p.method, p.mode) for p in predictions if p.mode != "auto"):
+        cells = [index.get((method, mode, m)) for m in workers]
+        text = ["" if c is None else f"{c / 1e6:.3g}" for c in cells]
+        lines.append(f"| {method} | {mode} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def markdown_report(
     predictions: Sequence[Prediction],
     validation: Sequence[dict[str, Any]],
@@ -552,6 +647,10 @@ def markdown_report(
         "",
         projection_table(predictions),
         "",
+        "#### Megabytes a worker sends a round",
+        "",
+        wire_table(predictions),
+        "",
         "#### Validation against the harness (seconds a step)",
         "",
     ]
@@ -563,21 +662,27 @@ def markdown_report(
             f"Mean absolute error {sum(errors) / len(errors):.1f} %, largest {max(errors):.1f} %.",
         ]
     else:
-        parts.append("No harness results (netsim_*.json) yet: not validated.")
+        parts.append("No harness results given (--netsim): not validated.")
     return "\n".join(parts) + "\n"
 
 
 def line_style(method: str, mode: str) -> dict[str, Any]:
     """Colour by method, line style by aggregation mode."""
     colours = {name: f"C{i}" for i, (name, _) in enumerate(METHODS)}
-    dashes = {"allreduce": "-", "packed-sum": "-", "scatter-gather": "--", "allgather": ":"}
+    dashes = {
+        "allreduce": "-",
+        "packed-sum": "-",
+        "scatter-gather": "--",
+        "allgather": ":",
+        "gtopk": "-.",
+    }
     style = {"color": colours.get(method, "k"), "linestyle": dashes.get(mode, "-")}
     if mode == "auto":  # a wide pale band under the mode it picks
         style.update(linewidth=6, alpha=0.25, marker=None)
     return style
 
 
-def plot_projections(predictions: Sequence[Prediction], out_dir: Path) -> list[Path]:
+def plot_projections(predictions: Sequence[Prediction], out_dir: Path, tag: str = "") -> list[Path]:
     """One log-log plot of epoch seconds against M for each bandwidth; the PNG paths.
 
     Example:
@@ -610,11 +715,48 @@ def plot_projections(predictions: Sequence[Prediction], out_dir: Path) -> list[P
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = out_dir / f"scale_epoch_{gbit:g}gbit.png"
+        path = out_dir / f"scale_epoch_{tag + '_' if tag else ''}{gbit:g}gbit.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_wire_bytes(predictions: Sequence[Prediction], out_dir: Path, tag: str = "") -> Path:
+    """Log-log plot of the bytes one worker sends a round against M; the PNG path.
+
+    Example:
+        >>> plot_wire_bytes(sweep(Workload(), kt), Path("/tmp")).name
+        'scale_wire_bytes.png'
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    first = min(p.bandwidth_gbit for p in predictions)
+    lines: dict[tuple[str, str], list[Prediction]] = {}
+    for p in predictions:
+        if p.bandwidth_gbit == first and p.mode != "auto":
+            lines.setdefault((p.method, p.mode), []).append(p)
+    for (method, mode), points in lines.items():
+        points.sort(key=lambda p: p.workers)
+        label = method if mode == "allreduce" else f"{method}, {mode}"
+        style = {"marker": "o", "markersize": 3, **line_style(method, mode)}
+        ax.plot([p.workers for p in points], [p.wire_bytes for p in points], label=label, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers M")
+    ax.set_ylabel("bytes a worker sends a round")
+    ax.set_title("Wire bytes a round (DESIGN.md 2.3)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out_dir / f"scale_wire_bytes{'_' + tag if tag else ''}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -624,6 +766,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kernels", default=str(RESULTS / "kernels_cpu.json"))
+    parser.add_argument(
+        "--topk-select",
+        default=str(RESULTS / "topk_select_cpu.json"),
+        help="Top-k selection records (kernels.py --topk-densities)",
+    )
     parser.add_argument("--netsim", default=str(RESULTS / "netsim_*.json"), help="glob")
     parser.add_argument("--parameters", type=int, help="n (default: harness, else ResNet-50)")
     parser.add_argument("--compute-ms", type=float, help="compute a local step (default: harness)")
@@ -631,6 +778,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_US)
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--markdown", help="also write the report section here")
+    parser.add_argument("--tag", default="", help="names the outputs (scale_epoch_TAG_1gbit.png)")
+    parser.add_argument(
+        "--results-md", help="also replace the section scale_model_TAG of this results file"
+    )
+    parser.add_argument("--title", default="", help="appended to the section's heading")
     return parser.parse_args(argv)
 
 
@@ -644,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    throughput = load_kernel_throughput(args.kernels)
+    throughput = load_kernel_throughput(args.kernels, args.topk_select)
     harness = load_harness(args.netsim)
     workload = workload_from_harness(
         harness[0][1] if harness else None,
@@ -660,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if validation:
         table = validation_table(validation)
         print(table)
-        (out_dir / "scale_model_validation.md").write_text(table + "\n")
+        (out_dir / f"scale_model_validation{'_' + args.tag if args.tag else ''}.md").write_text(
+            table + "\n"
+        )
     else:
         print(f"note: no harness results match {args.netsim}; validation skipped")
     document = {
@@ -673,12 +827,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "predictions": [dataclasses.asdict(p) for p in predictions],
         "validation": validation,
     }
-    (out_dir / "scale_model.json").write_text(json.dumps(document, indent=1) + "\n")
-    for path in plot_projections(predictions, out_dir):
+    tag = args.tag
+    (out_dir / f"scale_model{'_' + tag if tag else ''}.json").write_text(
+        json.dumps(document, indent=1) + "\n"
+    )
+    pngs = [
+        *plot_projections(predictions, out_dir, tag),
+        plot_wire_bytes(predictions, out_dir, tag),
+    ]
+    for path in pngs:
         print(f"wrote {path}")
     report = markdown_report(predictions, validation, workload)
+    if args.title:
+        heading, _, rest = report.partition("\n")
+        report = (
+            heading.replace("Scale projections", f"Scale projections, {args.title}") + "\n" + rest
+        )
     if args.markdown:
         Path(args.markdown).write_text(report)
+    if args.results_md:
+        results_md = Path(args.results_md)
+        images = "".join(f"![{p.stem}]({os.path.relpath(p, results_md.parent)})\n" for p in pngs)
+        update_results_md(results_md, f"scale_model_{tag or 'default'}", f"{report}\n{images}")
     print(projection_table(predictions))
     return 0 if all(math.isfinite(p.round_seconds) for p in predictions) else 1
 

@@ -559,36 +559,63 @@ def aggregate(
 # ---- cost model ---------------------------------------------------------------------------------
 
 
+def _gtopk_exchanges(world_size: int) -> int:
+    """log2 P rounds of recursive doubling, P the largest power of two <= M, two more to fold."""
+    p = 1 << (world_size.bit_length() - 1)
+    return (p.bit_length() - 1) + (2 if world_size > p else 0)
+
+
+def estimate_wire_bytes(mode: str, compressor: Compressor, numel: int, world_size: int) -> float:
+    """Bytes one worker puts on the wire to aggregate numel values under mode (DESIGN.md 2.3).
+
+    Ring all-reduce and scatter-gather send 2(M-1)/M of the payload, allgather (M-1) payloads
+    (k·M for a sparsifier), gTop-k one k-entry payload per exchange (k·log2 M).
+
+    Example:
+        >>> topk = Compression.topk(0.001)
+        >>> estimate_wire_bytes("allgather", topk, 10**6, 1024) / estimate_wire_bytes(
+        ...     "gtopk", topk, 10**6, 1024
+        ... )
+        102.3
+    """
+    m = world_size
+    if m == 1:
+        return 0.0
+    ring = 2 * (m - 1) / m
+    payload = compressor.payload_bytes(numel)
+    if mode in ("allreduce", "scatter-gather"):
+        return ring * payload
+    if mode == "packed-sum":
+        per_word = _WORD_BITS // field_width(compressor.levels_max, m)
+        nb = -(-numel // compressor.bucket_size)
+        return ring * (4 * nb + 8 * -(-numel // per_word))
+    if mode == "allgather":
+        return (m - 1) * payload
+    if mode == "gtopk":
+        return _gtopk_exchanges(m) * payload
+    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+
+
 def estimate_seconds(
     mode: str, compressor: Compressor, numel: int, world_size: int, link: Link
 ) -> float:
     """Seconds one worker spends sending numel values under mode (bandwidth + latency terms).
 
     A ring all-reduce or allgather takes M-1 latency steps, an alltoall M-1 messages; packed-sum
-    runs two all-reduces (scales, then fields), scatter-gather an alltoall and an allgather.
+    runs two all-reduces (scales, then fields), scatter-gather an alltoall and an allgather;
+    gTop-k one latency per exchange.
     """
     m = world_size
     if m == 1:
         return 0.0
-    ring = 2 * (m - 1) / m
+    transfer = estimate_wire_bytes(mode, compressor, numel, m) / link.bandwidth
     steps = (m - 1) * link.latency
-    payload = compressor.payload_bytes(numel)
-    if mode == "allreduce":
-        return ring * payload / link.bandwidth + 2 * steps
-    if mode == "packed-sum":
-        per_word = _WORD_BITS // field_width(compressor.levels_max, m)
-        nb = -(-numel // compressor.bucket_size)
-        nbytes = 4 * nb + 8 * -(-numel // per_word)
-        return ring * nbytes / link.bandwidth + 4 * steps
-    if mode == "scatter-gather":
-        return ring * payload / link.bandwidth + 2 * steps
+    latency = {"allreduce": 2 * steps, "packed-sum": 4 * steps, "scatter-gather": 2 * steps}
     if mode == "allgather":
-        return (m - 1) * payload / link.bandwidth + steps
-    if mode == "gtopk":  # ceil(log2 M) exchanges of one k-entry payload (two more to fold)
-        p = 1 << (m.bit_length() - 1)
-        exchanges = (p.bit_length() - 1) + (2 if m > p else 0)
-        return exchanges * (payload / link.bandwidth + link.latency)
-    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+        return transfer + steps
+    if mode == "gtopk":
+        return transfer + _gtopk_exchanges(m) * link.latency
+    return transfer + latency[mode]
 
 
 def feasible_aggregations(compressor: Compressor) -> list[str]:

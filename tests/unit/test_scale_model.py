@@ -61,6 +61,22 @@ def write_kernels(path: Path) -> Path:
     return path
 
 
+SELECT_S = {"approximate": {0.001: 3e-9, 0.01: 4e-9}, "exact": {0.001: 9e-9, 0.01: 16e-9}}
+
+
+def write_select(path: Path) -> Path:
+    """Top-k selection records at 2**20 values, one thread; decoys: two threads, a smaller size."""
+    big = 2**20
+    records = []
+    for impl, table in SELECT_S.items():
+        for density, per_value in table.items():
+            for numel, threads, scale in ((big, 1, 1.0), (big, 2, 0.5), (2**10, 1, 9.0)):
+                r = _record("topk_select", impl, numel, None, threads, scale * per_value * numel)
+                records.append(r | {"density": density})
+    path.write_text(json.dumps(records))
+    return path
+
+
 def _method(spec, steps, wall, compute=None):
     out = {"spec": spec, "steps": steps, "wall_seconds": wall, "wait_seconds": 0.0}
     out.update(compute_seconds=compute if compute is not None else 0.5 * wall, wire_bytes=0.0)
@@ -135,7 +151,9 @@ def write_harness(path: Path) -> Path:
 
 @pytest.fixture
 def kernels(tmp_path):
-    return sm.load_kernel_throughput(write_kernels(tmp_path / "kernels.json"))
+    return sm.load_kernel_throughput(
+        write_kernels(tmp_path / "kernels.json"), write_select(tmp_path / "select.json")
+    )
 
 
 def test_kernel_throughput_uses_native_single_thread_largest_size(kernels):
@@ -174,7 +192,7 @@ def test_codec_passes(kernels):
 def test_predictions_positive_finite_and_consistent(kernels):
     workload = sm.Workload(parameters=N, compute_per_step=0.02, dataset_steps=10_000)
     predictions = sm.sweep(workload, kernels)
-    assert len(predictions) == 11 * len(sm.WORKERS) * len(sm.BANDWIDTHS_GBIT)
+    assert len(predictions) == 13 * len(sm.WORKERS) * len(sm.BANDWIDTHS_GBIT)
     assert {p.workers for p in predictions} == {2**k for k in range(1, 11)}
     assert {p.bandwidth_gbit for p in predictions} == {1.0, 10.0, 100.0}
     for p in predictions:
@@ -186,6 +204,8 @@ def test_predictions_positive_finite_and_consistent(kernels):
         assert p.epoch_seconds == pytest.approx(rounds * p.round_seconds)
         if p.method.startswith("QPR"):
             assert p.codec_seconds > 0 and p.local_steps == 16
+        elif p.method.startswith("Top-k"):  # one approximate selection at density 0.001
+            assert p.codec_seconds == pytest.approx(3e-9 * N) and p.local_steps == 1
         else:
             assert p.codec_seconds == 0
     # parallel SGD at M = 4, 10 Gbit/s: 1.5 * 4e6 / 1.25e9 + 2 * 3 * 1e-4 = 0.0054 s comm
@@ -225,6 +245,38 @@ def test_allgather_comm_grows_faster_than_ring_modes(kernels):
     assert auto and all(p.chosen != "allgather" for p in auto)
 
 
+def test_sparse_wire_bytes_grow_as_k_log_m_for_gtopk_and_k_m_for_allgather(kernels):
+    predictions = sm.sweep(sm.Workload(parameters=N), kernels)
+    payload = 8 * 1000  # k = 0.001 n entries of an int32 index and a float32 value
+    sparse = {
+        (p.mode, p.workers): p.wire_bytes
+        for p in predictions
+        if p.method.startswith("Top-k") and p.bandwidth_gbit == 1.0
+    }
+    for m in sm.WORKERS:
+        assert sparse[("allgather", m)] == pytest.approx((m - 1) * payload)
+        assert sparse[("gtopk", m)] == pytest.approx(math.log2(m) * payload)
+    assert sparse[("allgather", 1024)] / sparse[("gtopk", 1024)] == pytest.approx(102.3)
+    # not a power of two: fold the extra rank in and back out, two more exchanges
+    topk = sm.build_compressor(sm.Spec(compression="topk", ratio=0.001))
+    assert sm.estimate_wire_bytes("gtopk", topk, N, 5) == pytest.approx(4 * payload)
+    # so from 32 to 1024 workers gTop-k's communication time doubles, the allgather's is 33x
+    name = "Top-k 0.001 EF"
+    gtopk = _comm(predictions, name, "gtopk", 1024) / _comm(predictions, name, "gtopk", 32)
+    gathered = _comm(predictions, name, "allgather", 1024) / _comm(
+        predictions, name, "allgather", 32
+    )
+    assert gtopk == pytest.approx(2.0) and gathered > 30
+
+
+def test_select_throughput_nearest_density_and_missing(kernels):
+    assert kernels.select_seconds(True, 0.002, 1000) == pytest.approx(3e-6)
+    assert kernels.select_seconds(False, 0.005, 1000) == pytest.approx(16e-6)
+    with pytest.raises(ValueError, match="approximate topk_select"):
+        sm.KernelThroughput({}).select_seconds(True, 0.001, 10)
+    assert sm.load_select_throughput(None) == {}
+
+
 def test_qpr_at_100_gbit_is_compute_and_codec_bound(kernels):
     predictions = sm.sweep(sm.Workload(), kernels)
     qpr = [p for p in predictions if p.method.startswith("QPR") and p.bandwidth_gbit == 100.0]
@@ -255,12 +307,14 @@ def test_cli_writes_json_plots_and_markdown(tmp_path, capsys):
     write_harness(tmp_path / "netsim_m2.json")
     out = tmp_path / "out"
     report = tmp_path / "report.md"
+    select = write_select(tmp_path / "select.json")
     argv = ["--kernels", str(kernels), "--netsim", str(tmp_path / "netsim_*.json")]
+    argv += ["--topk-select", str(select)]
     assert sm.main([*argv, "--out-dir", str(out), "--markdown", str(report)]) == 0
 
     document = json.loads((out / "scale_model.json").read_text())
     predictions = document["predictions"]
-    assert len(predictions) == 330
+    assert len(predictions) == 390
     keys = {"method", "mode", "workers", "bandwidth_gbit", "round_seconds", "epoch_seconds"}
     assert all(
         keys | {"comm_seconds", "codec_seconds", "compute_seconds"} <= set(p) for p in predictions
@@ -311,3 +365,29 @@ def test_cli_without_harness_skips_validation(tmp_path, capsys):
     assert document["inputs"]["workload"]["parameters"] == 1000
     assert not (out / "scale_model_validation.md").exists()
     assert "not validated" in sm.markdown_report([], [], sm.Workload())
+
+
+def test_cli_tag_names_outputs_and_replaces_its_results_section(tmp_path):
+    kernels = write_kernels(tmp_path / "kernels.json")
+    select = write_select(tmp_path / "select.json")
+    out = tmp_path / "results"
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "# results\n\n<!-- netsim:scale_model_big -->\nold\n<!-- /netsim:scale_model_big -->\n"
+    )
+    argv = ["--kernels", str(kernels), "--topk-select", str(select), "--netsim", "none"]
+    argv += ["--out-dir", str(out), "--tag", "big", "--title", "a big model"]
+    argv += ["--parameters", "5000000", "--compute-ms", "20", "--results-md", str(md)]
+    for _ in range(2):  # a rerun replaces the section instead of adding one
+        assert sm.main(argv) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "scale_model_big.json",
+        "scale_wire_bytes_big.png",
+        "scale_epoch_big_1gbit.png",
+    } <= names
+    text = md.read_text()
+    assert text.count("<!-- netsim:scale_model_big -->") == 1 and "old" not in text
+    assert "### Scale projections, a big model (cost model" in text
+    assert "![scale_wire_bytes_big](results/scale_wire_bytes_big.png)" in text
+    assert "| Top-k 0.001 EF | gtopk |" in text
