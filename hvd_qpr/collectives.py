@@ -1,8 +1,9 @@
 """How compressed tensors are aggregated through Horovod's collectives, and what that costs.
 
 Aggregations (DESIGN.md 2.3), each a generator that launches asynchronous Horovod collectives,
-yields, and on the next ``next()`` waits for them, so :func:`run_pipelines` can launch every
-bucket's collectives before waiting for any (Horovod then fuses them):
+yields what it launched, and on the next ``next()`` waits for it, so :func:`run_pipelines` can
+launch every bucket's collectives before waiting for any (Horovod then fuses them), and
+:class:`InFlight` can advance a chain of collectives from ``step()`` calls without blocking:
 
 * ``allreduce``: a sum-compatible payload (no compression, fp16, bf16) all-reduced as is.
 * ``packed-sum``: all workers agree on one scale per bucket (``allreduce(Max)``), quantize to
@@ -45,7 +46,8 @@ AGGREGATIONS = ("allreduce", "packed-sum", "scatter-gather", "allgather", "gtopk
 SECOND_QUANTIZATION_PENALTY = 2.0
 _WORD_BITS = 63  # fields per int64 word stay below the sign bit, so sums never overflow
 
-Pipeline = Generator[None, None, torch.Tensor]
+# A pipeline yields the (kind, handle) of the collective it launched and waits on it when resumed.
+Pipeline = Generator[tuple[str, int], None, torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,11 @@ class Comm:
         )
         return ("alltoall", handle)
 
+    @staticmethod
+    def ready(pending: tuple[str, int]) -> bool:
+        """Whether a launched collective has completed (a wait on it would not block)."""
+        return bool(hvd.poll(pending[1]))
+
     def wait(self, pending: tuple[str, int]) -> object:
         kind, handle = pending
         start = time.perf_counter()
@@ -162,21 +169,50 @@ class Comm:
         return out
 
 
+class InFlight:
+    """Pipelines launched together and advanced without blocking: :meth:`poll` resumes each one
+    whose collective has completed (so it launches its next stage, or returns), :meth:`wait`
+    runs all to their end. Overlap-Local-SGD keeps one of these across local steps.
+
+    Example:
+        >>> flight = InFlight([aggregate("allgather", x, qsgd, comm, "b0", [], 1)])
+        >>> while not flight.poll():
+        ...     train_one_step()
+        >>> (mean,) = flight.wait()
+    """
+
+    def __init__(self, pipelines: Iterable[Pipeline]) -> None:
+        self._active = list(pipelines)
+        self._results: list[torch.Tensor | None] = [None] * len(self._active)
+        self._pending: dict[int, tuple[str, int]] = {}
+        for i in range(len(self._active)):
+            self._resume(i)
+
+    def _resume(self, i: int) -> None:
+        try:
+            self._pending[i] = next(self._active[i])
+        except StopIteration as done:
+            self._pending.pop(i, None)
+            self._results[i] = done.value
+
+    def poll(self) -> bool:
+        """Advances every pipeline whose collective is done; whether all have finished."""
+        for i in list(self._pending):
+            while i in self._pending and Comm.ready(self._pending[i]):
+                self._resume(i)
+        return not self._pending
+
+    def wait(self) -> list[torch.Tensor]:
+        """Runs every pipeline to its end, one phase of each at a time; their results in order."""
+        while self._pending:
+            for i in list(self._pending):
+                self._resume(i)
+        return self._results  # type: ignore[return-value]
+
+
 def run_pipelines(pipelines: Iterable[Pipeline]) -> list[torch.Tensor]:
     """Advances every pipeline one phase at a time (all launch before any waits); their results."""
-    active = list(pipelines)
-    results: list[torch.Tensor | None] = [None] * len(active)
-    pending = list(range(len(active)))
-    while pending:
-        still = []
-        for i in pending:
-            try:
-                next(active[i])
-                still.append(i)
-            except StopIteration as done:
-                results[i] = done.value
-        pending = still
-    return results  # type: ignore[return-value]
+    return InFlight(pipelines).wait()
 
 
 def finish(pipeline: Pipeline) -> torch.Tensor:
@@ -232,7 +268,7 @@ def _frame(kind: int, body: torch.Tensor) -> torch.Tensor:
     return torch.cat([kind_byte, length.view(torch.uint8), body])
 
 
-def _encode(compressor: Compressor, x: torch.Tensor, seed: int) -> torch.Tensor:
+def encode_frame(compressor: Compressor, x: torch.Tensor, seed: int) -> torch.Tensor:
     """x as one frame: the compressor's payload, or raw float32 when x is not all finite."""
     if x.numel() == 0:
         return _frame(_KIND_CODED, x.new_zeros(0, dtype=torch.uint8))
@@ -241,7 +277,7 @@ def _encode(compressor: Compressor, x: torch.Tensor, seed: int) -> torch.Tensor:
     return _frame(_KIND_CODED, compressor.encode(x, seed))
 
 
-def _frames(buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
+def split_frames(buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
     """Splits count consecutive frames."""
     frames, offset = [], 0
     for _ in range(count):
@@ -255,7 +291,7 @@ def _frames(buffer: torch.Tensor, count: int) -> list[torch.Tensor]:
     return frames
 
 
-def _decode(compressor: Compressor, frame: torch.Tensor, numel: int) -> torch.Tensor:
+def decode_frame(compressor: Compressor, frame: torch.Tensor, numel: int) -> torch.Tensor:
     """A frame back to numel float32 values."""
     kind, body = int(frame[0]), frame[_FRAME_HEADER:]
     if numel == 0:
@@ -269,7 +305,7 @@ def _decode(compressor: Compressor, frame: torch.Tensor, numel: int) -> torch.Te
     return compressor.decode(body, numel)
 
 
-def _is_raw(frame: torch.Tensor) -> bool:
+def frame_is_raw(frame: torch.Tensor) -> bool:
     return int(frame[0]) == _KIND_RAW
 
 
@@ -282,7 +318,7 @@ def _agree_on_k(x: torch.Tensor, compressor: Compressor, comm: Comm, name: str) 
         return
     proposal = torch.tensor([compressor.propose_k(x)], dtype=torch.int64, device=x.device)
     pending = comm.allreduce_(proposal, f"{name}.k", op=hvd.Max)
-    yield
+    yield pending
     compressor.agree_k(int(comm.wait(pending)))
 
 
@@ -304,7 +340,7 @@ def allreduce_dense(
     if compressor.needs_residual:
         compressor.store_residual(corrected, compressor.decompress(payload.clone(), ctx), segments)
     pending = comm.allreduce_(payload, name, op, prescale_factor, postscale_factor)
-    yield
+    yield pending
     return compressor.decompress(comm.wait(pending), ctx)
 
 
@@ -329,12 +365,12 @@ def packed_sum(
     # the last element tells everyone whether some worker holds NaN or Inf
     flagged = torch.cat([scales, scales.new_full((1,), 0.0 if finite else 1.0)])
     pending = comm.allreduce_(flagged, f"{name}.scales", op=hvd.Max)
-    yield
+    yield pending
     reduced = comm.wait(pending)
     if reduced[-1] > 0:  # NaN or Inf somewhere: this round sums raw values, as Horovod would
         raw = x.reshape(-1).to(torch.float32, copy=True)
         pending = comm.allreduce_(raw, f"{name}.raw", op=hvd.Sum)
-        yield
+        yield pending
         total = comm.wait(pending)
         return total / m if average else total
     shared = reduced[:-1]
@@ -344,7 +380,7 @@ def packed_sum(
         compressor.store_residual(x, own, segments)
     width = field_width(compressor.levels_max, m)
     pending = comm.allreduce_(pack_words(fields, width), f"{name}.fields", op=hvd.Sum)
-    yield
+    yield pending
     total = unpack_words(comm.wait(pending), width, x.numel())
     out = compressor.dequantize_field_sum(total, m, shared)
     return out / m if average else out
@@ -366,28 +402,32 @@ def scatter_gather(
     flat = x.reshape(-1)
     bounds = chunk_bounds(flat.numel(), m, getattr(compressor, "bucket_size", 1))
     frames = [
-        _encode(compressor, flat[a:b], derive_seed(seed, PHASE_SEND, j))
+        encode_frame(compressor, flat[a:b], derive_seed(seed, PHASE_SEND, j))
         for j, (a, b) in enumerate(bounds)
     ]
-    if compressor.needs_residual and not any(_is_raw(f) for f in frames):
-        sent = [_decode(compressor, f, b - a) for f, (a, b) in zip(frames, bounds, strict=True)]
+    if compressor.needs_residual and not any(frame_is_raw(f) for f in frames):
+        sent = [
+            decode_frame(compressor, f, b - a) for f, (a, b) in zip(frames, bounds, strict=True)
+        ]
         compressor.store_residual(flat, torch.cat(sent), segments)
     splits = [f.numel() for f in frames]
     pending = comm.alltoall(torch.cat(frames), splits, f"{name}.scatter")
-    yield
+    yield pending
     received = comm.wait(pending)
     data, received_splits = received if isinstance(received, tuple) else (received, None)
     sizes = received_splits.tolist() if received_splits is not None else [splits[rank]] * m
     a, b = bounds[rank]
     total = flat.new_zeros(b - a, dtype=torch.float32)
     for part in data.split(sizes):
-        total += _decode(compressor, part, b - a)
+        total += decode_frame(compressor, part, b - a)
     reduced = total / m if average else total
-    mine = _encode(compressor, reduced, derive_seed(seed, PHASE_REQUANTIZE, rank))
+    mine = encode_frame(compressor, reduced, derive_seed(seed, PHASE_REQUANTIZE, rank))
     pending = comm.allgather(mine, f"{name}.gather")
-    yield
-    parts = _frames(comm.wait(pending), m)
-    decoded = [_decode(compressor, f, hi - lo) for f, (lo, hi) in zip(parts, bounds, strict=True)]
+    yield pending
+    parts = split_frames(comm.wait(pending), m)
+    decoded = [
+        decode_frame(compressor, f, hi - lo) for f, (lo, hi) in zip(parts, bounds, strict=True)
+    ]
     return torch.cat(decoded)
 
 
@@ -405,11 +445,11 @@ def allgather(
     x = compressor.add_residual(x, segments)  # identity without error feedback
     yield from _agree_on_k(x, compressor, comm, name)
     n = x.numel()
-    frame = _encode(compressor, x.reshape(-1), derive_seed(seed, PHASE_SEND))
+    frame = encode_frame(compressor, x.reshape(-1), derive_seed(seed, PHASE_SEND))
     pending = comm.allgather(frame, f"{name}.gather")
-    yield
-    decoded = [_decode(compressor, f, n) for f in _frames(comm.wait(pending), m)]
-    if compressor.needs_residual and not _is_raw(frame):
+    yield pending
+    decoded = [decode_frame(compressor, f, n) for f in split_frames(comm.wait(pending), m)]
+    if compressor.needs_residual and not frame_is_raw(frame):
         compressor.store_residual(x, decoded[comm.rank], segments)
     total = x.new_zeros(n, dtype=torch.float32)
     for part in decoded:
@@ -505,7 +545,7 @@ def gtopk(
         if send_to is not None:
             splits[send_to] = payload.numel()
         pending = comm.alltoall(payload, splits, f"{name}.gtopk{step}")
-        yield
+        yield pending
         received = comm.wait(pending)
         data = received[0] if isinstance(received, tuple) else received
         if receive_from is None:

@@ -24,8 +24,10 @@ import horovod.torch.optimizer as hvd_optimizer
 import torch
 
 from hvd_qpr import collectives
-from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, Link, Pipeline
+from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, InFlight, Link, Pipeline
 from hvd_qpr.compression import Compression, Compressor, ErrorFeedback, as_compressor
+from hvd_qpr.gossip import GOSSIP_MODES, GossipGroup, GossipState, Topology, make_topology
+from hvd_qpr.overlap import OverlapState
 from hvd_qpr.schedule import SyncSchedule
 from hvd_qpr.seeds import derive_seed
 
@@ -70,6 +72,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         bucket_bytes: int,
         min_compress_numel: int,
         link: Link | None,
+        gossip: GossipState | None = None,
+        overlap: OverlapState | None = None,
     ) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
         names = _parameter_names(named_parameters, self.param_groups)
@@ -93,6 +97,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._qpr_round = 0  # model averages done
         self._qpr_local_count = 0  # local steps since the last model average
         self._qpr_anchor: list[torch.Tensor] | None = None  # the last averaged model
+        self._qpr_gossip = gossip
+        self._qpr_overlap = overlap
 
         # Tiny, non-float and float64 tensors, and all tensors of a sum-compatible compressor,
         # are all-reduced one by one (Horovod fuses them); the rest is fused into buckets.
@@ -117,7 +123,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._qpr_add_bucket(current)
         size = process_set.size() if process_set.included() else 1
         numel = max((sum(q.numel() for q in b.params) for b in self._qpr_buckets), default=0)
-        if aggregation == "auto":
+        if gossip is not None:
+            aggregation = "gossip"  # neighbour exchange; no aggregation mode applies
+        elif aggregation == "auto":
             aggregation = collectives.choose_aggregation(compression, numel, size, link)
         elif aggregation not in collectives.feasible_aggregations(compression):
             raise ValueError(
@@ -128,6 +136,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._qpr_aggregation = aggregation
         # The dense path compresses only with a sum-compatible compressor.
         self._qpr_dense_compressor = compression if not fused else Compression.none
+        self._qpr_gossip_groups = self._qpr_make_gossip_groups() if gossip is not None else []
         if process_set.included():
             for p in self._qpr_params:
                 p.register_post_accumulate_grad_hook(self._qpr_on_grad)
@@ -135,6 +144,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def _qpr_add_bucket(self, params: list[torch.Tensor]) -> None:
         names = [self._qpr_names[p] for p in params]
         self._qpr_buckets.append(_Bucket(len(self._qpr_buckets), params, names))
+
+    def _qpr_make_gossip_groups(self) -> list[GossipGroup]:
+        """Buckets gossip with the compressor; small tensors with a sum-compatible one (fp16)
+        or exactly; floating-point buffers exactly."""
+        groups = [
+            GossipGroup(b.name, sum(p.numel() for p in b.params), self._qpr_compressor)
+            for b in self._qpr_buckets
+        ]
+        cast = self._qpr_dense_compressor
+        for p in self._qpr_dense:
+            exact = p.dtype not in _COMPRESSIBLE or cast is Compression.none
+            compressor = None if exact else cast
+            dtype = p.dtype if exact else torch.float32
+            groups.append(GossipGroup(self._qpr_names[p], p.numel(), compressor, dtype))
+        for name, buf in self._qpr_buffers:
+            groups.append(GossipGroup(f"buffer.{name}", buf.numel(), None, buf.dtype))
+        return groups
 
     # ---- consistency across ranks ----------------------------------------------------------------
 
@@ -162,7 +188,37 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 f"{len(self._qpr_params)} tensors of {total} values",
             ),
             ("buckets", len(self._qpr_buckets), str(len(self._qpr_buckets))),
+            *self._qpr_paradigm_signature(),
         ]
+
+    def _qpr_paradigm_signature(self) -> list[tuple[str, int, str]]:
+        def crc(text: str) -> int:
+            return zlib.crc32(text.encode())
+
+        gossip, overlap = self._qpr_gossip, self._qpr_overlap
+        topology = gossip.topology if gossip is not None else None
+        fields = [
+            ("topology", topology.signature() if topology else 0, repr(topology)),
+            ("gossip mode", crc(gossip.mode) if gossip else 0, gossip.mode if gossip else "-"),
+            (
+                "consensus_step",
+                crc(repr(gossip.gamma)) if gossip else 0,
+                repr(gossip and gossip.gamma),
+            ),
+            ("overlap", int(overlap is not None), str(overlap is not None)),
+            # present on every rank, so the table has the same width everywhere
+            (
+                "pullback",
+                crc(repr(overlap.alpha)) if overlap else 0,
+                repr(overlap and overlap.alpha),
+            ),
+            (
+                "anchor_momentum",
+                crc(repr(overlap.beta)) if overlap else 0,
+                repr(overlap and overlap.beta),
+            ),
+        ]
+        return fields
 
     def _qpr_check_config(self) -> None:
         """Compares the configuration of all ranks once, before the first collective; raises on
@@ -309,23 +365,74 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             loss = super(self.__class__, self).step(closure)
         else:
             self._qpr_check_config()
-            if self._qpr_anchor is None:
+            overlap = self._qpr_overlap
+            if overlap is not None and not overlap.started:
+                overlap.start(self._qpr_params)  # z = the common starting model
+            elif overlap is None and self._qpr_anchor is None and self._qpr_gossip is None:
                 self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
             self._qpr_synchronized = False
             loss = super(self.__class__, self).step(closure)
             self._qpr_local_count += 1
+            if overlap is not None:
+                overlap.poll()  # the average in flight moves on to its next collective
         self._qpr_step += 1
         if schedule.syncs_after(self._qpr_local_count):
-            self._qpr_average_models()
+            self._qpr_sync_round()
         return loss
 
-    def sync_models(self) -> None:
-        """Averages the models now (compressed as configured), so that every rank holds the same
-        model, e.g. before evaluating or saving a checkpoint, and at the end of training. The
-        next round counts its local steps from here. A no-op when no local step was taken since
-        the last average. Call it on every rank."""
-        if self._qpr_local_count > 0:
+    def _qpr_sync_round(self) -> None:
+        if self._qpr_gossip is not None:
+            self._qpr_gossip_round()
+        elif self._qpr_overlap is not None:
+            self._qpr_overlap_round()
+        else:
             self._qpr_average_models()
+        self._qpr_round += 1
+        self._qpr_local_count = 0
+
+    def sync_models(self) -> None:
+        """Averages the models now, so that every rank holds the same model, e.g. before
+        evaluating or saving a checkpoint, and at the end of training. Call it on every rank.
+
+        With ring all-reduce QPR-SGD it is one round, compressed as configured, and the next
+        round counts its local steps from here; a no-op when no local step was taken since the
+        last average. With a gossip topology or Overlap-Local-SGD the models differ between
+        rounds, so it is one exact (uncompressed) all-reduce average of the models and buffers;
+        Overlap-Local-SGD first finishes the average in flight and updates its anchor, then
+        takes the exact average as its anchor. Finish Overlap-Local-SGD with it (or with
+        ``state_dict()``) before another optimizer sends the same parameter names: Horovod
+        refuses a name whose collective is still in flight."""
+        if self._qpr_gossip is None and self._qpr_overlap is None:
+            if self._qpr_local_count > 0:
+                self._qpr_average_models()
+                self._qpr_round += 1
+                self._qpr_local_count = 0
+            return
+        overlap = self._qpr_overlap
+        if overlap is not None and overlap.started:
+            average = overlap.collect(self._qpr_overlap_average)
+            self._qpr_check_average(average)
+            overlap.update_anchor(average)
+        if self._qpr_process_set.included():
+            pipelines = [
+                collectives.allreduce_dense(
+                    t.detach().clone(), Compression.none, self._qpr_comm, f"hvd_qpr.sync.{name}", []
+                )
+                for name, t in self._qpr_named_state()
+            ]
+            with torch.no_grad():
+                for (_, t), avg in zip(
+                    self._qpr_named_state(), collectives.run_pipelines(pipelines), strict=True
+                ):
+                    t.copy_(avg)
+        if overlap is not None and overlap.started:
+            overlap.anchor = [p.detach().clone() for p in self._qpr_params]
+        self._qpr_local_count = 0
+
+    def _qpr_named_state(self) -> list[tuple[str, torch.Tensor]]:
+        """Trained parameters and floating-point buffers, by name."""
+        named = [(self._qpr_names[p], p) for p in self._qpr_params]
+        return named + [(f"buffer.{n}", b) for n, b in self._qpr_buffers]
 
     def _qpr_check_finite(self) -> None:
         flags = torch.tensor(
@@ -390,8 +497,91 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 for (_, buf), avg in zip(self._qpr_buffers, rest[nd:], strict=True):
                     buf.copy_(avg)
         self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
-        self._qpr_round += 1
-        self._qpr_local_count = 0
+
+    # ---- gossip (DESIGN.md 2.4) ------------------------------------------------------------------
+
+    def _qpr_gossip_round(self) -> None:
+        """One round of (error-controlled) gossip with this round's neighbours."""
+        gossip = self._qpr_gossip
+        assert gossip is not None
+        if not self._qpr_process_set.included():
+            return
+        self._qpr_check_finite()
+        values = [b.flatten(b.params) for b in self._qpr_buckets]
+        values += [p.detach().reshape(-1).clone() for p in self._qpr_dense]
+        values += [buf.detach().reshape(-1).clone() for _, buf in self._qpr_buffers]
+        new = collectives.finish(
+            gossip.round(self._qpr_gossip_groups, values, self._qpr_comm, self._qpr_round)
+        )
+        nb, nd = len(self._qpr_buckets), len(self._qpr_dense)
+        with torch.no_grad():
+            for bucket, flat in zip(self._qpr_buckets, new[:nb], strict=True):
+                for p, v in zip(bucket.params, bucket.split(flat), strict=True):
+                    p.copy_(v.to(p.dtype))
+            for p, flat in zip(self._qpr_dense, new[nb : nb + nd], strict=True):
+                p.copy_(flat.view_as(p).to(p.dtype))
+            for (_, buf), flat in zip(self._qpr_buffers, new[nb + nd :], strict=True):
+                buf.copy_(flat.view_as(buf).to(buf.dtype))
+
+    # ---- Overlap-Local-SGD (DESIGN.md 2.5) -------------------------------------------------------
+
+    def _qpr_overlap_round(self) -> None:
+        """Finish the average started a round ago, update the anchor, start averaging the current
+        models in the background, pull back towards the anchor."""
+        overlap = self._qpr_overlap
+        assert overlap is not None and overlap.anchor is not None
+        average = overlap.collect(self._qpr_overlap_average)
+        self._qpr_check_average(average)
+        overlap.update_anchor(average)
+        if self._qpr_process_set.included():
+            anchors = {id(p): z for p, z in zip(self._qpr_params, overlap.anchor, strict=True)}
+            rank = self._qpr_process_set.rank()
+            pipelines: list[Pipeline] = []
+            for bucket in self._qpr_buckets:
+                delta = bucket.flatten(bucket.params) - bucket.flatten(
+                    anchors[id(p)] for p in bucket.params
+                )
+                seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
+                pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
+            for p in self._qpr_dense:
+                name = self._qpr_names[p]
+                pipelines.append(
+                    collectives.allreduce_dense(
+                        (p.detach() - anchors[id(p)]).contiguous(),
+                        self._qpr_dense_compressor,
+                        self._qpr_comm,
+                        f"hvd_qpr.overlap.{name}",
+                        [(name, p.numel())],
+                    )
+                )
+            overlap.launch(InFlight(pipelines))
+        overlap.pull_back(self._qpr_params)
+
+    def _qpr_overlap_average(self, results: list[torch.Tensor]) -> list[torch.Tensor]:
+        """a = z + the averaged differences, one tensor per parameter."""
+        overlap = self._qpr_overlap
+        assert overlap is not None and overlap.anchor is not None
+        anchors = {id(p): z for p, z in zip(self._qpr_params, overlap.anchor, strict=True)}
+        average: dict[int, torch.Tensor] = {}
+        nb = len(self._qpr_buckets)
+        for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
+            for p, d in zip(bucket.params, bucket.split(mean), strict=True):
+                average[id(p)] = (anchors[id(p)].to(torch.float32) + d).to(p.dtype)
+        for p, d in zip(self._qpr_dense, results[nb:], strict=True):
+            average[id(p)] = anchors[id(p)] + d
+        return [average[id(p)] for p in self._qpr_params]
+
+    def _qpr_check_average(self, average: list[torch.Tensor] | None) -> None:
+        """Every rank sees the same average: a NaN or Inf in it raises on all of them."""
+        if average is None:
+            return
+        for p, a in zip(self._qpr_params, average, strict=True):
+            if not bool(torch.isfinite(a).all()):
+                raise FloatingPointError(
+                    f"hvd_qpr.DistributedOptimizer: the average of parameter "
+                    f"{self._qpr_names[p]!r} started at round {self._qpr_round - 1} holds NaN or "
+                    "Inf: some rank's model diverged. Lower the learning rate or clip gradients"
+                )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._qpr_pending:
@@ -416,20 +606,32 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     @property
     def aggregation(self) -> str:
-        """The aggregation in use (what ``"auto"`` chose)."""
+        """The aggregation in use (what ``"auto"`` chose; ``"gossip"`` with a topology)."""
         return self._qpr_aggregation
+
+    @property
+    def topology(self) -> Topology | None:
+        """The gossip graph (its ``repr`` shows the spectral gap), or None."""
+        return None if self._qpr_gossip is None else self._qpr_gossip.topology
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state plus this rank's schedule position, residuals and last
         averaged model, so a run resumed on every rank from its own state continues exactly."""
         state = super(self.__class__, self).state_dict()
         compressor = self._qpr_compressor
+        overlap = self._qpr_overlap
+        if overlap is not None and overlap.started:
+            # an average in flight is finished now (its values do not depend on when), so the
+            # saved state holds its result; call state_dict() on every rank
+            overlap.collect(self._qpr_overlap_average)
         state[_STATE_KEY] = {
             "step": self._qpr_step,
             "round": self._qpr_round,
             "local_count": self._qpr_local_count,
             "anchor": None if self._qpr_anchor is None else [a.clone() for a in self._qpr_anchor],
             "residuals": compressor.state_dict() if isinstance(compressor, ErrorFeedback) else {},
+            "gossip": None if self._qpr_gossip is None else self._qpr_gossip.state_dict(),
+            "overlap": None if overlap is None else overlap.state_dict(),
         }
         return state
 
@@ -458,6 +660,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._qpr_anchor = anchor
         if isinstance(self._qpr_compressor, ErrorFeedback):
             self._qpr_compressor.load_state_dict(ours["residuals"])
+        for key, part in (("gossip", self._qpr_gossip), ("overlap", self._qpr_overlap)):
+            saved = ours.get(key)
+            if (saved is None) != (part is None):
+                raise ValueError(
+                    f"load_state_dict: the state was saved {'with' if saved else 'without'} "
+                    f"{key} and this optimizer runs {'with' if part else 'without'} it"
+                )
+        if self._qpr_gossip is not None:
+            self._qpr_gossip.load_state_dict(ours["gossip"], self._qpr_gossip_groups)
+        if self._qpr_overlap is not None:
+            self._qpr_overlap.load_state_dict(ours["overlap"], self._qpr_params)
 
 
 def _parameter_names(
@@ -507,6 +720,12 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
     bucket_bytes: int = 64 * 2**20,
     min_compress_numel: int = 1024,
     link: Link | None = None,
+    topology: str | torch.Tensor | Topology | None = None,
+    consensus_step: float | None = None,
+    gossip: str = "choco",
+    overlap: bool = False,
+    pullback: float = 0.6,
+    anchor_momentum: float = 0.0,
 ) -> torch.optim.Optimizer:
     """Wraps a torch optimizer so that workers average compressed gradients or, every
     ``local_steps`` steps, compressed model differences (QPR-SGD).
@@ -537,10 +756,31 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
         bucket_bytes: size of the fused buffers of compressed tensors (float32 bytes).
         min_compress_numel: tensors with fewer values are sent uncompressed.
         link: the network for the ``"auto"`` cost model (default: 1 Gbit/s, 100 us).
+        topology: gossip instead of ring all-reduce (DESIGN.md 2.4; Koloskova et al., ICML 2019):
+            ``"ring"``, ``"torus"``, ``"exponential"``, ``"one-peer"``, ``"complete"``, a
+            symmetric doubly-stochastic M×M mixing matrix, or a :class:`hvd_qpr.Topology`.
+            Every ``local_steps`` steps (K = 1 included) each worker exchanges compressed
+            model updates with its neighbours only (one ``hvd.alltoall``).
+        consensus_step: γ of the error-controlled gossip, in (0, 1]. Default 1.0 for
+            sum-compatible compressors (none, fp16, bf16: exact gossip x ← Wx) and
+            ``0.5 * compression.contraction()`` for the others (CHOCO-SGD's step shrinks with the
+            compression quality δ: 0.47 for 4-bit QSGD, 0.12 for 2-bit, 0.005 for Top-k at
+            1%); larger steps make the spread of the models stall or grow.
+        gossip: ``"choco"`` (public copies, error-controlled; the default) or
+            ``"quantized-average"``, the baseline that averages the neighbours' quantized models
+            and accumulates their quantization error.
+        overlap: Overlap-Local-SGD (DESIGN.md 2.5; Wang, Liang & Joshi, ICASSP 2020): the
+            average of the models travels while the next τ = ``local_steps`` local steps
+            compute (τ = 2 when ``local_steps`` is 1). Works with every aggregation and
+            compressor of the ring all-reduce path.
+        pullback: α of Overlap-Local-SGD, in [0, 1]: how far each model is pulled towards the
+            anchor at a sync point (0: the workers never mix).
+        anchor_momentum: β of Overlap-Local-SGD, in [0, 1): the anchor's momentum (0: the
+            anchor is the last finished average).
 
     Returns:
         The distributed optimizer. Besides Horovod's methods it has ``sync_models()``,
-        ``comm_stats()``, ``reset_comm_stats()`` and ``aggregation``.
+        ``comm_stats()``, ``reset_comm_stats()``, ``aggregation`` and ``topology``.
 
     Raises:
         ValueError / TypeError: an argument out of range or a compressor that cannot be used.
@@ -559,10 +799,33 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    schedule = SyncSchedule(local_steps, warmup_steps)
     compressor = as_compressor(compression)
+    if topology is not None and (error_feedback or isinstance(compressor, ErrorFeedback)):
+        raise ValueError(
+            "error_feedback does not apply to gossip: its public copies already keep what "
+            "compression drops (CHOCO-SGD); leave error_feedback=False with a topology"
+        )
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         compressor = ErrorFeedback(compressor)
+    size = process_set.size() if process_set.included() else 1
+    gossip_state, overlap_state = _paradigm(
+        topology,
+        consensus_step,
+        gossip,
+        overlap,
+        pullback,
+        anchor_momentum,
+        aggregation,
+        compressor,
+        size,
+        process_set.rank() if process_set.included() else 0,
+        seed,
+    )
+    if overlap_state is not None and local_steps == 1:
+        local_steps = 2  # tau
+    schedule = SyncSchedule(
+        local_steps, warmup_steps, mixes_models=gossip_state is not None or overlap
+    )
     if compressor.traits.needs_error_feedback and not isinstance(compressor, ErrorFeedback):
         warnings.warn(
             f"{compressor} is biased and meant to run with error feedback; pass "
@@ -612,5 +875,48 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
         bucket_bytes,
         min_compress_numel,
         link,
+        gossip_state,
+        overlap_state,
     )
     return wrapped
+
+
+def _paradigm(
+    topology: str | torch.Tensor | Topology | None,
+    consensus_step: float | None,
+    gossip: str,
+    overlap: bool,
+    pullback: float,
+    anchor_momentum: float,
+    aggregation: str,
+    compressor: Compressor,
+    size: int,
+    rank: int,
+    seed: int,
+) -> tuple[GossipState | None, OverlapState | None]:
+    """The gossip or Overlap-Local-SGD state the arguments ask for (neither: ring all-reduce)."""
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be a bool, got {overlap!r}")
+    if topology is None:
+        if consensus_step is not None or gossip != "choco":
+            raise ValueError("consensus_step and gossip apply only with a topology")
+        if not overlap:
+            if (pullback, anchor_momentum) != (0.6, 0.0):
+                raise ValueError("pullback and anchor_momentum apply only with overlap=True")
+            return None, None
+        return None, OverlapState(pullback, anchor_momentum)
+    if overlap:
+        raise ValueError("choose gossip (topology=...) or overlap=True, not both")
+    if aggregation != "auto":
+        raise ValueError(
+            f"aggregation={aggregation!r} does not apply to gossip, which exchanges with "
+            "neighbours only; leave it at 'auto' with a topology"
+        )
+    if gossip not in GOSSIP_MODES:
+        raise ValueError(f"gossip must be one of {list(GOSSIP_MODES)}, got {gossip!r}")
+    graph = topology if isinstance(topology, Topology) else make_topology(topology, size)
+    if graph.size != size:
+        raise ValueError(f"the topology has {graph.size} workers, the process set {size}")
+    if consensus_step is None:
+        consensus_step = 1.0 if compressor.traits.sum_compatible else 0.5 * compressor.contraction()
+    return GossipState(graph, rank, consensus_step, gossip, seed), None

@@ -23,12 +23,16 @@ class SyncSchedule:
     """What step ``t`` (0-based count of ``step()`` calls before it) communicates.
 
     Attributes:
-        local_steps: K, local steps between model averages; 1 averages gradients every step.
+        local_steps: K, local steps between model averages; 1 averages gradients every step
+            (unless mixes_models).
         warmup_steps: steps at the start that average uncompressed gradients.
+        mixes_models: gossip and Overlap-Local-SGD: every step is a local step and models are
+            mixed every local_steps steps, K = 1 included.
     """
 
     local_steps: int = 1
     warmup_steps: int = 0
+    mixes_models: bool = False
 
     def __post_init__(self) -> None:
         for field in ("local_steps", "warmup_steps"):
@@ -42,12 +46,12 @@ class SyncSchedule:
 
     def averages_gradients(self, step: int) -> bool:
         """Whether step averages gradients before the wrapped optimizer's step."""
-        return self.local_steps == 1 or step < self.warmup_steps
+        return (self.local_steps == 1 and not self.mixes_models) or step < self.warmup_steps
 
     def compresses_gradients(self, step: int) -> bool:
         """Whether those gradients go through the compressor (after the warm-up)."""
-        return self.local_steps == 1 and step >= self.warmup_steps
+        return self.local_steps == 1 and not self.mixes_models and step >= self.warmup_steps
 
     def syncs_after(self, local_count: int) -> bool:
         """Whether the models are averaged after local_count local steps since the last average."""
-        return self.local_steps > 1 and local_count >= self.local_steps
+        return (self.local_steps > 1 or self.mixes_models) and local_count >= self.local_steps

@@ -101,8 +101,31 @@ class Compressor(HorovodCompressor):
         """Expected payload size for numel float32 values (the cost model's estimate)."""
         return 4.0 * numel
 
+    def contraction(self) -> float:
+        """δ in (0, 1], an estimate of how much of a vector e survives compression, scaled by
+        the least-squares step: E‖e − ηC(e)‖² ≈ (1 − δ)‖e‖² for Gaussian-like e (Koloskova et
+        al., ICML 2019, call δ the compression quality). Gossip takes its default consensus
+        step from it. 1 for lossless payloads."""
+        return 1.0
+
     def __repr__(self) -> str:
         return self.name
+
+
+def encode_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor cast to dtype, as bytes (the opaque payload of a sum-compatible cast)."""
+    return x.reshape(-1).to(dtype).contiguous().view(torch.uint8)
+
+
+def decode_cast(payload: torch.Tensor, numel: int, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Inverse of :func:`encode_cast`, to float32; ValueError when the size does not match."""
+    expected = numel * torch.empty(0, dtype=dtype).element_size()
+    if payload.dtype != torch.uint8 or payload.numel() != expected:
+        raise ValueError(
+            f"{name}: a payload of {payload.numel()} {payload.dtype} values cannot hold {numel} "
+            f"{dtype} values ({expected} bytes)"
+        )
+    return payload.clone().view(dtype).to(torch.float32)
 
 
 class HorovodCompressorAdapter(Compressor):
@@ -119,6 +142,7 @@ class HorovodCompressorAdapter(Compressor):
         self.inner = inner
         self.name = f"horovod:{getattr(inner, '__name__', type(inner).__name__)}"
         self.traits = CompressorTraits(sum_compatible=True)
+        self._wire_dtype = inner.compress(torch.zeros(1))[0].dtype
 
     def compress(self, tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
         return self.inner.compress(tensor)
@@ -127,8 +151,13 @@ class HorovodCompressorAdapter(Compressor):
         return self.inner.decompress(tensor, ctx)
 
     def payload_bytes(self, numel: int) -> float:
-        probe, _ = self.inner.compress(torch.zeros(1))
-        return float(probe.element_size() * numel)
+        return float(torch.empty(0, dtype=self._wire_dtype).element_size() * numel)
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return encode_cast(x, self._wire_dtype)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return decode_cast(payload, numel, self._wire_dtype, self.name)
 
 
 def as_compressor(obj: object) -> Compressor:

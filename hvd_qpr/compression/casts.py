@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hvd_qpr.compression.base import Compressor, CompressorTraits
+from hvd_qpr.compression.base import Compressor, CompressorTraits, decode_cast, encode_cast
 
 
 class NoneCompressor(Compressor):
@@ -26,6 +26,12 @@ class NoneCompressor(Compressor):
 
     def payload_bytes(self, numel: int) -> float:
         return 4.0 * numel
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return encode_cast(x, torch.float32)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return decode_cast(payload, numel, torch.float32, self.name)
 
 
 class CastCompressor(Compressor):
@@ -59,3 +65,9 @@ class CastCompressor(Compressor):
 
     def payload_bytes(self, numel: int) -> float:
         return 2.0 * numel
+
+    def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
+        return encode_cast(x, self.dtype)
+
+    def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        return decode_cast(payload, numel, self.dtype, self.name)

@@ -4,6 +4,8 @@ bit-packed, optionally Elias-coded, through the native kernels in :mod:`hvd_qpr.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hvd_qpr import ops
@@ -63,6 +65,17 @@ class QSGDCompressor(OpaqueCompressor):
 
     def _scale_bytes(self, numel: int) -> int:
         return 4 * -(-numel // self.bucket_size)
+
+    def contraction(self) -> float:
+        """1 / (1 + ω), ω the relative variance: (max/s)²/4 a value against a bucket of
+        Gaussian values whose max is about 3.5σ for the max norm, min(d/s², √d/s) for l2."""
+        s = self.levels_max
+        if self.norm == "max":
+            omega = 3.5**2 / (4 * s * s)
+        else:
+            d = self.bucket_size
+            omega = min(d / s**2, math.sqrt(d) / s)
+        return 1.0 / (1.0 + omega)
 
     def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         q = ops.quantize(x, self.bits, self.bucket_size, self.norm, seed)

@@ -32,6 +32,10 @@ class SparseCompressor(OpaqueCompressor):
         """Entries kept of numel: ceil(ratio * numel), at least 1."""
         return min(numel, max(1, math.ceil(self.ratio * numel)))
 
+    def contraction(self) -> float:
+        """The density: what a random k-subset keeps (Top-k keeps at least that much)."""
+        return self.ratio
+
     def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 indices, float32 values) of the k entries to send."""
         raise NotImplementedError
@@ -181,6 +185,10 @@ class AdaptiveTopKCompressor(TopKCompressor):
             raise TypeError(f"adaptive_topk: policy must be callable, got {self.policy!r}")
         self.name = f"adaptive_topk({self.policy!r})"
         self._k: int | None = None
+
+    def contraction(self) -> float:
+        """The policy's kept fraction of the squared norm when it has one, else 1%."""
+        return float(getattr(self.policy, "fraction", 0.01))
 
     def propose_k(self, x: torch.Tensor) -> int:
         """This worker's k for x, checked."""

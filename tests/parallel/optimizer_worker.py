@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -24,25 +22,17 @@ import hvd_qpr  # noqa: E402
 from hvd_qpr import collectives  # noqa: E402
 from hvd_qpr.compression import QSGDCompressor  # noqa: E402
 from tests.parallel.simulation import Simulation  # noqa: E402
+from tests.parallel.worker_common import (  # noqa: E402
+    RANK,
+    SIZE,
+    HandedToHorovod,
+    check,
+    expect_error,
+    report_and_exit,
+    run,
+)
 
 torch.set_num_threads(1)
-hvd.init()
-RANK, SIZE = hvd.rank(), hvd.size()
-RESULTS: list[tuple[str, str | None]] = []
-
-
-def check(cond: bool, why: str) -> None:
-    if not cond:
-        raise AssertionError(why)
-
-
-def run(name: str, fn) -> None:
-    try:
-        fn()
-        RESULTS.append((name, None))
-    except Exception:
-        RESULTS.append((name, traceback.format_exc().strip().splitlines()[-1]))
-        traceback.print_exc()
 
 
 class Net(torch.nn.Module):
@@ -491,54 +481,6 @@ def check_comm_stats() -> None:
     check(opt.comm_stats()["payload_bytes"] == 0, "reset")
 
 
-class HandedToHorovod:
-    """Records the bytes of every tensor given to Horovod's asynchronous collectives, and what
-    DESIGN.md 2.3 says each puts on the wire, independently of Comm's own counting."""
-
-    def __init__(self) -> None:
-        self.payload = 0
-        self.wire = 0.0
-        self.gathered: list[int] = []  # allgather inputs; their totals need the other ranks
-        self.saved = {}
-
-    def __enter__(self) -> HandedToHorovod:
-        def nbytes(t: torch.Tensor) -> int:
-            return t.numel() * t.element_size()
-
-        def allreduce(tensor, *args, **kwargs):
-            self.payload += nbytes(tensor)
-            self.wire += 2 * (SIZE - 1) / SIZE * nbytes(tensor)
-            return self.saved["allreduce_async_"](tensor, *args, **kwargs)
-
-        def allgather(tensor, *args, **kwargs):
-            self.payload += nbytes(tensor)
-            self.gathered.append(nbytes(tensor))
-            return self.saved["allgather_async"](tensor, *args, **kwargs)
-
-        def alltoall(tensor, *args, splits=None, **kwargs):
-            self.payload += nbytes(tensor)
-            self.wire += nbytes(tensor) - int(splits[RANK]) * tensor.element_size()
-            return self.saved["alltoall_async"](tensor, *args, splits=splits, **kwargs)
-
-        for name, fn in (
-            ("allreduce_async_", allreduce),
-            ("allgather_async", allgather),
-            ("alltoall_async", alltoall),
-        ):
-            self.saved[name] = getattr(hvd, name)
-            setattr(hvd, name, fn)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, fn in self.saved.items():
-            setattr(hvd, name, fn)
-
-    def total_wire(self, tag: str) -> float:
-        sizes = torch.tensor(self.gathered, dtype=torch.int64)
-        table = hvd.allgather(sizes[None], name=f"handed.{tag}")  # same count on every rank
-        return self.wire + (SIZE - 1) / SIZE * float(table.sum())
-
-
 def check_payload_is_what_horovod_gets() -> None:
     C = hvd_qpr.Compression
     runs = [
@@ -605,17 +547,6 @@ def check_buffers() -> None:
 
 
 # ---- errors on every rank, never a hang ---------------------------------------------------------
-
-
-def expect_error(fn, exc: type, pattern: str, limit: float = 60.0) -> None:
-    start = time.monotonic()
-    try:
-        fn()
-    except exc as e:
-        check(pattern in str(e), f"message {str(e)!r} lacks {pattern!r}")
-    else:
-        raise AssertionError(f"no {exc.__name__} raised")
-    check(time.monotonic() - start < limit, "took too long")
 
 
 def check_mismatches() -> None:
@@ -730,12 +661,7 @@ def main() -> None:
     run("nan_model_difference", check_nan_model_difference)
     run("nan_gradients_pass_through", check_nan_gradients_pass_through)
     run("qsgd_refused_by_horovod", check_qsgd_refused_by_horovod)
-    print(f"rank {RANK}/{SIZE}: ran {len(RESULTS)} checks")
-    for name, why in RESULTS:
-        print(f"rank {RANK}/{SIZE}: " + (f"PASS {name}" if why is None else f"FAIL {name}: {why}"))
-    sys.stdout.flush()
-    hvd.shutdown()
-    sys.exit(0 if all(why is None for _, why in RESULTS) else 1)
+    report_and_exit()
 
 
 if __name__ == "__main__":

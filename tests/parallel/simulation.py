@@ -188,3 +188,133 @@ class Simulation:
                 out.append(ref.dequantize(q2, torch.float32))
             return torch.cat(out)
         raise ValueError(self.mode)
+
+
+# ---- gossip (DESIGN.md 2.4) ---------------------------------------------------------------------
+
+
+def simulate_gossip(
+    xs: list[torch.Tensor],
+    weights: Callable[[int], torch.Tensor],
+    rounds: int,
+    bits: int | None,
+    gamma: float,
+    mode: str = "choco",
+    bucket_size: int = 512,
+    seed: int = 0,
+    time_varying: bool = False,
+) -> list[torch.Tensor]:
+    """M workers' flat values after rounds of gossip with mixing matrices weights(r).
+
+    CHOCO-SGD: hat[i, j] is worker i's public copy as worker j knows it (both hold it), started
+    from an exact exchange; each round worker i sends q = eta Q(x_i - hat[i, j]), eta the
+    least-squares step <Q(e), e> / <Q(e), Q(e)> (one q for all
+    neighbours of a static graph), both sides add it, and x_i += gamma * sum_j W_ij (hat[j, i] -
+    hat[i, j]). The baseline ("quantized-average") sets x_i = W_ii x_i + sum_j W_ij Q(x_j).
+    """
+    m = len(xs)
+    xs = [x.clone() for x in xs]
+
+    def quantized(x: torch.Tensor, w: int, r: int) -> torch.Tensor:
+        if bits is None:
+            return x.clone()
+        s = derive_seed(seed, w, r, 0, PHASE_SEND)
+        return ref.dequantize(ref.quantize(x, bits, bucket_size, "max", s), torch.float32)
+
+    def step(e: torch.Tensor, w: int, r: int) -> torch.Tensor:
+        """Q(e) scaled by the least-squares step <Q(e), e> / <Q(e), Q(e)>."""
+        q = quantized(e, w, r)
+        if bits is None:
+            return q
+        qq = torch.dot(q, q)
+        return q * (torch.dot(q, e) / qq) if float(qq) else q * qq
+
+    def peers(w_matrix: torch.Tensor, i: int) -> list[int]:
+        return [j for j in range(m) if j != i and w_matrix[i, j] > 0]
+
+    edges = {(i, j) for r in range(rounds) for i in range(m) for j in peers(weights(r), i)}
+    hat = {(i, j): xs[i].clone() for i, j in edges}
+    for r in range(rounds):
+        w = weights(r)
+        if mode == "choco":
+            for i in range(m):
+                targets = peers(w, i)
+                if not targets:
+                    continue
+                if time_varying:
+                    for j in targets:
+                        hat[i, j] += step(xs[i] - hat[i, j], i, r)
+                else:
+                    q = step(xs[i] - hat[i, targets[0]], i, r)
+                    for j in targets:
+                        hat[i, j] += q
+            new = []
+            for i in range(m):
+                mix = torch.zeros_like(xs[i])
+                for j in peers(w, i):
+                    mix += float(w[i, j]) * (hat[j, i] - hat[i, j])
+                new.append(xs[i] + gamma * mix)
+        else:
+            sent = [quantized(xs[j], j, r) for j in range(m)]
+            new = []
+            for i in range(m):
+                mixed = float(w[i, i]) * xs[i]
+                for j in peers(w, i):
+                    mixed += float(w[i, j]) * sent[j]
+                new.append(mixed)
+        xs = new
+    return xs
+
+
+# ---- Overlap-Local-SGD (DESIGN.md 2.5) -----------------------------------------------------------
+
+
+class OverlapSimulation(Simulation):
+    """M workers running Overlap-Local-SGD with tau = local_steps: at every tau-th local step,
+    a = the average started at the previous sync point (z at the first), v = beta v + (a - z),
+    z += v, the average of the current models starts (z + the aggregated Q(x_i - z), formed here
+    at once: its value does not depend on when it is collected), and x_i += alpha (z - x_i)."""
+
+    def __init__(self, *args, alpha: float, beta: float, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.alpha, self.beta = alpha, beta
+        self.z: list[torch.Tensor] | None = None
+        self.v: list[torch.Tensor] | None = None
+        self.started: list[torch.Tensor] | None = None
+
+    def step(self) -> None:
+        self._grads()
+        if self.z is None:
+            self.z = [p.detach().clone() for p in self.params(0)]
+            self.v = [torch.zeros_like(z) for z in self.z]
+        for opt in self.opts:
+            opt.step()
+        self.local_count += 1
+        self.step_index += 1
+        if self.local_count == self.k:
+            self.sync()
+
+    def sync(self) -> None:
+        m = self.world
+        a = self.started if self.started is not None else self.z
+        for z, v, avg in zip(self.z, self.v, a, strict=True):
+            v.mul_(self.beta).add_(avg - z)
+            z.add_(v)
+        plist = [self.params(w) for w in range(m)]
+        deltas = [
+            torch.cat([(p.detach() - z).reshape(-1) for p, z in zip(plist[w], self.z, strict=True)])
+            for w in range(m)
+        ]
+        mean = self._aggregate(deltas) if self.bits is not None else sum(deltas) / m
+        started, offset = [], 0
+        for z in self.z:
+            d = mean[offset : offset + z.numel()].view_as(z)
+            started.append((z.to(torch.float32) + d).to(z.dtype))
+            offset += z.numel()
+        self.started = started
+        with torch.no_grad():
+            for w in range(m):
+                for p, z in zip(plist[w], self.z, strict=True):
+                    p.add_(z - p, alpha=self.alpha)
+        self.round += 1
+        self.local_count = 0

@@ -43,20 +43,24 @@ def test_frames_round_trip_and_reject_garbage():
     x = torch.randn(95)
     bad = x.clone()
     bad[3] = float("inf")
-    frames = [C._encode(comp, x, 1), C._encode(comp, bad, 1), C._encode(comp, x[:0], 1)]
-    assert not C._is_raw(frames[0]) and C._is_raw(frames[1])
-    parts = C._frames(torch.cat(frames), 3)
-    assert torch.equal(C._decode(comp, parts[0], 95), comp.decode(comp.encode(x, 1), 95))
-    assert torch.equal(C._decode(comp, parts[1], 95), bad)  # non-finite values travel raw
-    assert C._decode(comp, parts[2], 0).numel() == 0
+    frames = [
+        C.encode_frame(comp, x, 1),
+        C.encode_frame(comp, bad, 1),
+        C.encode_frame(comp, x[:0], 1),
+    ]
+    assert not C.frame_is_raw(frames[0]) and C.frame_is_raw(frames[1])
+    parts = C.split_frames(torch.cat(frames), 3)
+    assert torch.equal(C.decode_frame(comp, parts[0], 95), comp.decode(comp.encode(x, 1), 95))
+    assert torch.equal(C.decode_frame(comp, parts[1], 95), bad)  # non-finite values travel raw
+    assert C.decode_frame(comp, parts[2], 0).numel() == 0
     with pytest.raises(ValueError, match="truncated"):
-        C._frames(torch.cat(frames)[:-1], 3)
+        C.split_frames(torch.cat(frames)[:-1], 3)
     with pytest.raises(ValueError, match="do not add up"):
-        C._frames(torch.cat(frames), 2)
+        C.split_frames(torch.cat(frames), 2)
     wrong = parts[0].clone()
     wrong[0] = 7
     with pytest.raises(ValueError, match="unknown payload kind 7"):
-        C._decode(comp, wrong, 95)
+        C.decode_frame(comp, wrong, 95)
 
 
 def test_cost_model_choices():
