@@ -42,6 +42,10 @@ class Method:
         ratio: density of a sparsifier (its default when None).
         approximate: Top-k's sampled-threshold selection.
         warmup_steps: first steps averaging dense gradients.
+        topology: gossip graph (DESIGN.md 2.4) instead of ring all-reduce; None for RAR.
+        gossip: ``"choco"`` (error-controlled) or ``"quantized-average"`` (the baseline).
+        overlap: Overlap-Local-SGD (DESIGN.md 2.5) with tau = K and pull-back ``pullback``.
+        pullback: Overlap-Local-SGD's alpha.
     """
 
     name: str
@@ -56,6 +60,16 @@ class Method:
     ratio: float | None = None
     approximate: bool = False
     warmup_steps: int = 0
+    topology: str | None = None
+    gossip: str = "choco"
+    overlap: bool = False
+    pullback: float = 0.6
+
+    @property
+    def mixes_locally(self) -> bool:
+        """Whether the workers' models differ between rounds (gossip, Overlap-Local-SGD), so
+        the harness evaluates their average instead of calling ``sync_models()``."""
+        return self.topology is not None or self.overlap
 
     def with_local_steps(self, qpr_k: int, pr_k: int) -> Method:
         k = {"qpr": qpr_k, "pr": pr_k}.get(self.uses_k, self.local_steps)
@@ -96,7 +110,15 @@ class Method:
             error_feedback=self.error_feedback,
             named_buffers=model.named_buffers(),
             link=link,
+            **self._paradigm(),
         )
+
+    def _paradigm(self) -> dict[str, object]:
+        if self.topology is not None:
+            return dict(topology=self.topology, gossip=self.gossip)
+        if self.overlap:
+            return dict(overlap=True, pullback=self.pullback)
+        return {}
 
     def spec(self, resolved_aggregation: str | None = None) -> dict[str, object]:
         """The method as JSON-ready fields (aggregation resolved when given)."""
@@ -174,5 +196,19 @@ def _register_sparsifiers(add: Callable[[Method], Method]) -> None:
     add(Method("efsign-ef-pr", "hvd_qpr", "efsign", error_feedback=True, uses_k="qpr"))
 
 
+def _register_paradigms(add: Callable[[Method], Method]) -> None:
+    # gossip QPR-SGD every K steps (4 workers: "exponential" is the complete graph), with the
+    # error-controlled public copies and with the baseline that averages quantized models
+    for graph, tag in (("ring", "ring"), ("exponential", "exp")):
+        for mode, suffix in (("choco", ""), ("quantized-average", "-naive")):
+            q = Method(f"gossip-{tag}-4bit{suffix}", "hvd_qpr", "qsgd", 4, uses_k="qpr")
+            add(dataclasses.replace(q, topology=graph, gossip=mode))
+    # Overlap-Local-SGD against the blocking PR-SGD / QPR-SGD of the same K (tau)
+    add(Method("overlap-pr", "hvd_qpr", uses_k="pr", overlap=True))
+    add(Method("overlap-4bit", "hvd_qpr", "qsgd", 4, uses_k="qpr", overlap=True))
+    add(Method("overlap-4bit-elias", "hvd_qpr", "qsgd", 4, elias=True, uses_k="qpr", overlap=True))
+
+
 _register_defaults(register_method)
 _register_sparsifiers(register_method)
+_register_paradigms(register_method)

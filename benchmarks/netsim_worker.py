@@ -11,6 +11,7 @@ Run by ``benchmarks/netsim.py`` inside a worker's network namespace.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -55,6 +56,17 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return acc
 
 
+def averaged_copy(model: torch.nn.Module, tag: str) -> torch.nn.Module:
+    """The workers' average model, for evaluating gossip and Overlap-Local-SGD, whose models
+    differ between rounds, without changing their training (an uncounted all-reduce)."""
+    copy_ = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, t in copy_.state_dict().items():
+            if t.dtype.is_floating_point:
+                t.copy_(hvd.allreduce(t, op=hvd.Average, name=f"eval.{tag}.{name}"))
+    return copy_
+
+
 def main() -> None:
     args = parse()
     hvd.init()
@@ -76,13 +88,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(1000 + rank)
     clock = compute = stepping = baseline_wire = loss_sum = 0.0
     loss_count = step = 0
+
+    def evaluate(tag: str) -> float:
+        judged = averaged_copy(model, tag) if m.mixes_locally else model
+        return accuracy(judged, data.x_test, data.y_test)
+
     curve = [
         dict(
             time=0.0,
             step=0,
             wire_bytes=0.0,
             train_loss=None,
-            test_accuracy=accuracy(model, data.x_test, data.y_test),
+            test_accuracy=evaluate("start"),
         )
     ]
 
@@ -111,11 +128,11 @@ def main() -> None:
                 baseline_wire += ring_allreduce_wire_bytes(grad_bytes, size)
             last = epoch + 1 == args.epochs and i + 1 == steps_per_epoch
             if step % args.eval_every == 0 or last:
-                if m.optimizer == "hvd_qpr":
+                if m.optimizer == "hvd_qpr" and not m.mixes_locally:
                     t0 = time.perf_counter()
                     opt.sync_models()  # a no-op when K divides eval_every
                     clock += time.perf_counter() - t0
-                acc = accuracy(model, data.x_test, data.y_test)
+                acc = evaluate(str(step))
                 curve.append(
                     dict(
                         time=clock,

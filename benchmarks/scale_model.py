@@ -538,6 +538,8 @@ def validate(
     for name, method in result["methods"].items():
         if not method.get("steps"):  # stopped before its first step: nothing measured
             continue
+        if method["spec"].get("topology") or method["spec"].get("overlap"):
+            continue  # gossip and Overlap-Local-SGD are not in the ring all-reduce cost model
         spec = Spec.from_dict(method["spec"])
         p = predict_round(name, spec, config["workers"], link, workload, throughput)
         predicted = p.round_seconds / spec.local_steps

@@ -6,6 +6,8 @@ Example::
 
     horovodrun --gloo -np 2 -H localhost:2 python examples/train.py \\
         --optimizer hvd_qpr --compression qsgd --bits 4 --local-steps 8
+    horovodrun --gloo -np 4 -H localhost:4 python examples/train.py --topology ring --local-steps 2
+    horovodrun --gloo -np 4 -H localhost:4 python examples/train.py --overlap --local-steps 2
 
 The one-line change from Horovod, as this script makes it::
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hvd_qpr  # noqa: E402
 from hvd_qpr.collectives import AGGREGATIONS, ring_allreduce_wire_bytes  # noqa: E402
+from hvd_qpr.gossip import GOSSIP_MODES, TOPOLOGIES  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,6 +47,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--aggregation", choices=["auto", *AGGREGATIONS], default="auto")
     p.add_argument("--error-feedback", action="store_true")
+    p.add_argument(
+        "--topology",
+        choices=list(TOPOLOGIES),
+        help="gossip with neighbours instead of ring all-reduce",
+    )
+    p.add_argument("--consensus-step", type=float, help="gossip's gamma (default from the codec)")
+    p.add_argument("--gossip", choices=list(GOSSIP_MODES), default="choco")
+    p.add_argument("--overlap", action="store_true", help="Overlap-Local-SGD (tau = local steps)")
+    p.add_argument("--pullback", type=float, default=0.6, help="Overlap-Local-SGD's alpha")
+    p.add_argument("--anchor-momentum", type=float, default=0.0, help="Overlap-Local-SGD's beta")
     p.add_argument("--backward-passes-per-step", type=int, default=1)
     p.add_argument("--op", choices=["average", "sum"], default="average", help="gradient reduction")
     p.add_argument("--gradient-predivide-factor", type=float, default=1.0)
@@ -78,6 +91,15 @@ def progress(done: int, total: int, text: str, quiet: bool) -> None:
     width = 30
     filled = width * done // total
     print(f"[{'#' * filled}{'.' * (width - filled)}] {text}", flush=True)
+
+
+def paradigm(args: argparse.Namespace) -> dict[str, object]:
+    """The optimizer arguments of gossip (--topology) or Overlap-Local-SGD (--overlap)."""
+    if args.topology:
+        return dict(topology=args.topology, consensus_step=args.consensus_step, gossip=args.gossip)
+    if args.overlap:
+        return dict(overlap=True, pullback=args.pullback, anchor_momentum=args.anchor_momentum)
+    return {}
 
 
 def train(args: argparse.Namespace) -> dict[str, float | str]:
@@ -121,10 +143,15 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
             bucket_bytes=args.bucket_bytes,
             min_compress_numel=args.min_compress_numel,
             link=hvd_qpr.Link(args.link_mbit * 1e6 / 8, args.link_latency_us * 1e-6),
+            **paradigm(args),
             **common,
         )
         name = f"qsgd {args.bits}-bit" if args.compression == "qsgd" else args.compression
         label = f"hvd_qpr K={args.local_steps}, {name}, {opt.aggregation}"
+        if args.topology:
+            label += f" on {opt.topology!r}"
+        elif args.overlap:
+            label = f"hvd_qpr Overlap-Local-SGD alpha={args.pullback}, {name}, {opt.aggregation}"
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 
@@ -150,7 +177,7 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         progress(
             epoch + 1,
             args.epochs,
-            f"epoch {epoch + 1}/{args.epochs} loss {float(loss) * passes:.3f}",
+            f"epoch {epoch + 1}/{args.epochs} loss {float(loss.detach()) * passes:.3f}",
             args.quiet,
         )
     if args.optimizer == "hvd_qpr":
