@@ -44,7 +44,7 @@ bench: install
 	$(PY) benchmarks/kernels.py --device cpu --threads 1 2 --json benchmarks/results/kernels_cpu.json
 	$(PY) benchmarks/elias_sizes.py --json benchmarks/results/elias_sizes.json
 
-# The bandwidth-limited cluster (root: network namespaces and tc), about 25 minutes on 2 cores,
+# The bandwidth-limited cluster (root: network namespaces and tc), about 45 minutes on 2 cores,
 # then the scale model; both write into benchmarks/results and benchmarks/RESULTS.md.
 bench-net: install
 	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100
@@ -57,6 +57,17 @@ bench-net: install
 		qpr-4bit-elias@32 qpr-2bit-scatter-gather@32
 	$(PY) benchmarks/netsim.py --workers 2 --bandwidth-mbit 100 --epochs 15 --methods \
 		parallel-sgd pr-sgd qpr-4bit-auto qpr-2bit-scatter-gather qpr-2bit-elias
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100 --tag sparse \
+		--baseline benchmarks/results/netsim_digits_100mbit_4w.json --methods gtopk-ef-0.001 \
+		topk-ef-0.001 gtopk-ef topk-ef adaptive-topk-ef terngrad-pr efsign-ef-pr
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100 --tag sparse-warm \
+		--baseline benchmarks/results/netsim_digits_100mbit_4w.json --methods \
+		gtopk-ef-0.001-warm topk-ef-0.001-warm
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100 --tag paradigms \
+		--baseline benchmarks/results/netsim_digits_100mbit_4w.json --methods gossip-ring-4bit \
+		gossip-ring-4bit-naive gossip-exp-4bit gossip-exp-4bit-naive gossip-ring-2bit \
+		gossip-ring-2bit-naive gossip-exp-2bit gossip-exp-2bit-naive overlap-pr overlap-4bit \
+		qpr-4bit-auto overlap-4bit-elias qpr-4bit-elias
 	$(PY) benchmarks/scale_model.py --tag digits --results-md benchmarks/RESULTS.md
 	$(PY) benchmarks/scale_model.py --tag resnet50size --title "a ResNet-50-sized workload" \
 		--netsim none --parameters 25557032 --compute-ms 100 --dataset-steps 40037 \

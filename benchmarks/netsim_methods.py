@@ -200,9 +200,10 @@ def _register_paradigms(add: Callable[[Method], Method]) -> None:
     # gossip QPR-SGD every K steps (4 workers: "exponential" is the complete graph), with the
     # error-controlled public copies and with the baseline that averages quantized models
     for graph, tag in (("ring", "ring"), ("exponential", "exp")):
-        for mode, suffix in (("choco", ""), ("quantized-average", "-naive")):
-            q = Method(f"gossip-{tag}-4bit{suffix}", "hvd_qpr", "qsgd", 4, uses_k="qpr")
-            add(dataclasses.replace(q, topology=graph, gossip=mode))
+        for bits in (4, 2):
+            for mode, suffix in (("choco", ""), ("quantized-average", "-naive")):
+                q = Method(f"gossip-{tag}-{bits}bit{suffix}", "hvd_qpr", "qsgd", bits, uses_k="qpr")
+                add(dataclasses.replace(q, topology=graph, gossip=mode))
     # Overlap-Local-SGD against the blocking PR-SGD / QPR-SGD of the same K (tau)
     add(Method("overlap-pr", "hvd_qpr", uses_k="pr", overlap=True))
     add(Method("overlap-4bit", "hvd_qpr", "qsgd", 4, uses_k="qpr", overlap=True))

@@ -257,8 +257,8 @@ class GossipState:
 
     In a static graph one x̂_i serves every neighbour. In a time-varying graph (one-peer) a
     neighbour hears from this worker only in some rounds, so each edge keeps its own copy of
-    x̂_i. The copies start from an exact exchange of the models in the first round, so the
-    workers may start from different models.
+    x̂_i. The copies start from the common model (checked by checksums) or, when the workers
+    start from different models, from one exact exchange of them.
 
     Example:
         >>> state = GossipState(make_topology("ring", 4), rank=0, gamma=0.5)
@@ -339,13 +339,24 @@ class GossipState:
     def _initialize(
         self, groups: Sequence[GossipGroup], xs: Sequence[torch.Tensor], comm: Comm
     ) -> Pipeline:
+        """Starts the public copies. When every rank holds the same model (the usual case, after
+        ``hvd.broadcast_parameters``: checked by one allgather of checksums) each copy starts
+        from it; otherwise the models are exchanged exactly once."""
         peers = self.topology.all_neighbors(self.rank)
+        edges = peers if self.topology.period > 1 else [-1]
+        digest = torch.tensor([[_checksum(x) for x in xs]], dtype=torch.int64)
+        pending = comm.allgather(digest, "hvd_qpr.gossip.checksums")
+        yield pending
+        table = comm.wait(pending)
+        if bool((table == table[0]).all()):
+            self.mine = {e: [x.clone() for x in xs] for e in edges}
+            self.theirs = {peer: [x.clone() for x in xs] for peer in peers}
+            return
         exact = [dataclasses.replace(group, compressor=None) for group in groups]
         frames = {
             peer: [_encode(g, x, 0) for g, x in zip(exact, xs, strict=True)] for peer in peers
         }
         received = yield from exchange(frames, comm, "hvd_qpr.gossip.init", len(groups))
-        edges = peers if self.topology.period > 1 else [-1]
         self.mine = {e: [x.clone() for x in xs] for e in edges}
         self.theirs = {
             peer: [_decode(g, f) for g, f in zip(exact, received[peer], strict=True)]
@@ -408,6 +419,11 @@ def _decode_step(group: GossipGroup, message: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"hvd_qpr gossip: a message of {message.numel()} bytes for {group.name}")
     eta = message[:4].clone().view(torch.float32)
     return eta * _decode(group, message[4:])
+
+
+def _checksum(x: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes."""
+    return zlib.crc32(x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def _encode(group: GossipGroup, x: torch.Tensor, seed: int) -> torch.Tensor:
