@@ -417,6 +417,7 @@ def baseline_results(args: argparse.Namespace) -> dict:
     config = dict(
         config,
         baseline=str(args.baseline.name),
+        started=time.time(),  # this run's date; the baseline's is in its own file
         eval_every=args.eval_every,
         local_steps=args.local_steps,
         tag=args.tag,

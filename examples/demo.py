@@ -1,5 +1,6 @@
 """The main job: a short data-parallel training on the CPU under horovodrun (2 workers, Gloo),
-plain Horovod against hvd_qpr QPR-SGD: wall time, wire bytes per worker, test accuracy.
+plain Horovod against hvd_qpr (QPR-SGD by ring all-reduce and by gossip, Overlap-Local-SGD): wall
+time, wire bytes per worker, test accuracy.
 
 Example::
 

@@ -149,9 +149,9 @@ def train(args: argparse.Namespace) -> dict[str, float | str]:
         name = f"qsgd {args.bits}-bit" if args.compression == "qsgd" else args.compression
         label = f"hvd_qpr K={args.local_steps}, {name}, {opt.aggregation}"
         if args.topology:
-            label += f" on {opt.topology!r}"
+            label = f"hvd_qpr K={args.local_steps}, {name}, gossip on a {args.topology}"
         elif args.overlap:
-            label = f"hvd_qpr Overlap-Local-SGD alpha={args.pullback}, {name}, {opt.aggregation}"
+            label = f"hvd_qpr K={args.local_steps}, {name}, overlapped {opt.aggregation}"
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
 

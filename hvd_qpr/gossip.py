@@ -298,10 +298,9 @@ class GossipState:
         self, groups: Sequence[GossipGroup], xs: Sequence[torch.Tensor], comm: Comm, index: int
     ) -> Pipeline:
         """One gossip round of every group's values xs (flat): exchange, then mix. Returns the
-        new values. The first round of CHOCO first exchanges the models exactly to start the
-        public copies."""
+        new values. CHOCO's public copies must have been started (:meth:`start`)."""
         if not self.initialized:
-            yield from self._initialize(groups, xs, comm)
+            raise RuntimeError("GossipState.round: start() the public copies first")
         peers = self.topology.neighbors(self.rank, index)
         w = self.topology.weights(index)
         frames: dict[int, list[torch.Tensor]] = {}
@@ -336,12 +335,15 @@ class GossipState:
                 out.append(mixed)
         return out
 
-    def _initialize(
+    def start(
         self, groups: Sequence[GossipGroup], xs: Sequence[torch.Tensor], comm: Comm
     ) -> Pipeline:
-        """Starts the public copies. When every rank holds the same model (the usual case, after
-        ``hvd.broadcast_parameters``: checked by one allgather of checksums) each copy starts
-        from it; otherwise the models are exchanged exactly once."""
+        """Starts the public copies from the models before training (x̂ = x_0). When every rank
+        holds the same model (the usual case, after ``hvd.broadcast_parameters``: checked by one
+        allgather of checksums) each copy starts from it; otherwise the models are exchanged
+        exactly once. Nothing to do for the quantized-average baseline."""
+        if self.initialized:
+            return
         peers = self.topology.all_neighbors(self.rank)
         edges = peers if self.topology.period > 1 else [-1]
         digest = torch.tensor([[_checksum(x) for x in xs]], dtype=torch.int64)

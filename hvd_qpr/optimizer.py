@@ -368,6 +368,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             overlap = self._qpr_overlap
             if overlap is not None and not overlap.started:
                 overlap.start(self._qpr_params)  # z = the common starting model
+            if self._qpr_gossip is not None and not self._qpr_gossip.initialized:
+                self._qpr_start_gossip()
             elif overlap is None and self._qpr_anchor is None and self._qpr_gossip is None:
                 self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
             self._qpr_synchronized = False
@@ -500,6 +502,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     # ---- gossip (DESIGN.md 2.4) ------------------------------------------------------------------
 
+    def _qpr_gossip_values(self) -> list[torch.Tensor]:
+        """The flat values of every gossip group (buckets, small tensors, buffers)."""
+        values = [b.flatten(b.params) for b in self._qpr_buckets]
+        values += [p.detach().reshape(-1).clone() for p in self._qpr_dense]
+        return values + [buf.detach().reshape(-1).clone() for _, buf in self._qpr_buffers]
+
+    def _qpr_start_gossip(self) -> None:
+        """CHOCO's public copies start from the model before the first local step."""
+        gossip = self._qpr_gossip
+        assert gossip is not None
+        if self._qpr_process_set.included():
+            values = self._qpr_gossip_values()
+            collectives.finish(gossip.start(self._qpr_gossip_groups, values, self._qpr_comm))
+
     def _qpr_gossip_round(self) -> None:
         """One round of (error-controlled) gossip with this round's neighbours."""
         gossip = self._qpr_gossip
@@ -507,9 +523,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self._qpr_process_set.included():
             return
         self._qpr_check_finite()
-        values = [b.flatten(b.params) for b in self._qpr_buckets]
-        values += [p.detach().reshape(-1).clone() for p in self._qpr_dense]
-        values += [buf.detach().reshape(-1).clone() for _, buf in self._qpr_buffers]
+        values = self._qpr_gossip_values()
         new = collectives.finish(
             gossip.round(self._qpr_gossip_groups, values, self._qpr_comm, self._qpr_round)
         )

@@ -92,6 +92,7 @@ def check_gossip_mixing_equals_simulation() -> None:
         group = GossipGroup("g", n, compressor)
         state = GossipState(topology, RANK, gamma, mode, seed=3)
         x = xs[RANK]
+        collectives.finish(state.start([group], [x], comm))
         rounds = 3
         for r in range(rounds):
             (x,) = collectives.finish(state.round([group], [x], comm, r))
@@ -111,7 +112,9 @@ def check_gossip_mixing_equals_simulation() -> None:
     for name in ("ring", "exponential", "one-peer"):
         topology = hvd_qpr.make_topology(name, SIZE)
         state = GossipState(topology, RANK, 1.0, "choco")
-        (x,) = collectives.finish(state.round([GossipGroup("g", n, None)], [xs[RANK]], comm, 0))
+        group = GossipGroup("g", n, None)
+        collectives.finish(state.start([group], [xs[RANK]], comm))
+        (x,) = collectives.finish(state.round([group], [xs[RANK]], comm, 0))
         wx = (topology.weights(0).to(torch.float32) @ torch.stack(xs))[RANK]
         gap = (x - wx).abs().max()
         check(bool(gap <= 1e-5), f"{name}: one round differs from W X by {gap:.3g}")
