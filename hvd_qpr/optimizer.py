@@ -26,7 +26,13 @@ import torch
 from hvd_qpr import collectives
 from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, InFlight, Link, Pipeline
 from hvd_qpr.compression import Compression, Compressor, ErrorFeedback, as_compressor
-from hvd_qpr.gossip import GOSSIP_MODES, GossipGroup, GossipState, Topology, make_topology
+from hvd_qpr.gossip import (
+    GOSSIP_MODES,
+    GossipGroup,
+    GossipState,
+    Topology,
+    make_topology,
+)
 from hvd_qpr.overlap import OverlapState
 from hvd_qpr.schedule import SyncSchedule
 from hvd_qpr.seeds import derive_seed
@@ -180,7 +186,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             ("local_steps", schedule.local_steps, str(schedule.local_steps)),
             ("warmup_steps", schedule.warmup_steps, str(schedule.warmup_steps)),
             ("aggregation", crc(self._qpr_aggregation), self._qpr_aggregation),
-            ("backward_passes_per_step", self._qpr_backward_passes, str(self._qpr_backward_passes)),
+            (
+                "backward_passes_per_step",
+                self._qpr_backward_passes,
+                str(self._qpr_backward_passes),
+            ),
             ("op", crc(str(self._qpr_op)), str(self._qpr_op)),
             (
                 "parameter names, shapes and dtypes",
@@ -199,7 +209,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         topology = gossip.topology if gossip is not None else None
         fields = [
             ("topology", topology.signature() if topology else 0, repr(topology)),
-            ("gossip mode", crc(gossip.mode) if gossip else 0, gossip.mode if gossip else "-"),
+            (
+                "gossip mode",
+                crc(gossip.mode) if gossip else 0,
+                gossip.mode if gossip else "-",
+            ),
             (
                 "consensus_step",
                 crc(repr(gossip.gamma)) if gossip else 0,
@@ -365,22 +379,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             loss = super(self.__class__, self).step(closure)
         else:
             self._qpr_check_config()
-            overlap = self._qpr_overlap
-            if overlap is not None and not overlap.started:
-                overlap.start(self._qpr_params)  # z = the common starting model
-            if self._qpr_gossip is not None and not self._qpr_gossip.initialized:
-                self._qpr_start_gossip()
-            elif overlap is None and self._qpr_anchor is None and self._qpr_gossip is None:
-                self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
+            self._qpr_before_local_step()
             self._qpr_synchronized = False
             loss = super(self.__class__, self).step(closure)
             self._qpr_local_count += 1
-            if overlap is not None:
-                overlap.poll()  # the average in flight moves on to its next collective
+            if self._qpr_overlap is not None:
+                self._qpr_overlap.poll()  # the average in flight moves on to its next collective
         self._qpr_step += 1
         if schedule.syncs_after(self._qpr_local_count):
             self._qpr_sync_round()
         return loss
+
+    def _qpr_before_local_step(self) -> None:
+        """What the first local step needs: the last averaged model (ring all-reduce), the anchor
+        z (Overlap-Local-SGD) or the public copies (gossip), all from the common start."""
+        if self._qpr_overlap is not None:
+            if not self._qpr_overlap.started:
+                self._qpr_overlap.start(self._qpr_params)
+        elif self._qpr_gossip is not None:
+            if not self._qpr_gossip.initialized:
+                self._qpr_start_gossip()
+        elif self._qpr_anchor is None:
+            self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
 
     def _qpr_sync_round(self) -> None:
         if self._qpr_gossip is not None:
@@ -418,13 +438,19 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._qpr_process_set.included():
             pipelines = [
                 collectives.allreduce_dense(
-                    t.detach().clone(), Compression.none, self._qpr_comm, f"hvd_qpr.sync.{name}", []
+                    t.detach().clone(),
+                    Compression.none,
+                    self._qpr_comm,
+                    f"hvd_qpr.sync.{name}",
+                    [],
                 )
                 for name, t in self._qpr_named_state()
             ]
             with torch.no_grad():
                 for (_, t), avg in zip(
-                    self._qpr_named_state(), collectives.run_pipelines(pipelines), strict=True
+                    self._qpr_named_state(),
+                    collectives.run_pipelines(pipelines),
+                    strict=True,
                 ):
                     t.copy_(avg)
         if overlap is not None and overlap.started:
@@ -454,49 +480,73 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "clip gradients"
             )
 
+    def _qpr_difference_pipelines(self, anchor: list[torch.Tensor], tag: str) -> list[Pipeline]:
+        """Averages of x_i − anchor: one aggregation per bucket (compressed, seeded by rank,
+        round and bucket) and one all-reduce per small tensor, in that order."""
+        anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
+        rank = self._qpr_process_set.rank()
+        pipelines: list[Pipeline] = []
+        for bucket in self._qpr_buckets:
+            delta = bucket.flatten(bucket.params) - bucket.flatten(
+                anchors[id(p)] for p in bucket.params
+            )
+            seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
+            pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
+        for p in self._qpr_dense:
+            name = self._qpr_names[p]
+            pipelines.append(
+                collectives.allreduce_dense(
+                    (p.detach() - anchors[id(p)]).contiguous(),
+                    self._qpr_dense_compressor,
+                    self._qpr_comm,
+                    f"hvd_qpr.{tag}.{name}",
+                    [(name, p.numel())],
+                )
+            )
+        return pipelines
+
+    def _qpr_anchor_plus(
+        self, anchor: list[torch.Tensor], results: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """anchor + the averaged differences of :meth:`_qpr_difference_pipelines`, one tensor
+        per parameter (buckets summed in float32, then cast back)."""
+        anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
+        out: dict[int, torch.Tensor] = {}
+        nb = len(self._qpr_buckets)
+        for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
+            for p, d in zip(bucket.params, bucket.split(mean), strict=True):
+                out[id(p)] = (anchors[id(p)].to(torch.float32) + d).to(p.dtype)
+        for p, d in zip(self._qpr_dense, results[nb:], strict=True):
+            out[id(p)] = anchors[id(p)] + d
+        return [out[id(p)] for p in self._qpr_params]
+
     def _qpr_average_models(self) -> None:
         """x_bar += average of Q(x_i - x_bar); every worker restarts from x_bar (DESIGN.md 2.3)."""
         anchor = self._qpr_anchor
         assert anchor is not None
         if self._qpr_process_set.included():
             self._qpr_check_finite()
-            anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
-            rank = self._qpr_process_set.rank()
-            pipelines: list[Pipeline] = []
-            for bucket in self._qpr_buckets:
-                delta = bucket.flatten(p for p in bucket.params) - bucket.flatten(
-                    anchors[id(p)] for p in bucket.params
-                )
-                seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
-                pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
-            for p in self._qpr_dense:
-                name = self._qpr_names[p]
-                pipelines.append(
-                    collectives.allreduce_dense(
-                        (p.detach() - anchors[id(p)]).contiguous(),
-                        self._qpr_dense_compressor,
-                        self._qpr_comm,
-                        f"hvd_qpr.model.{name}",
-                        [(name, p.numel())],
-                    )
-                )
+            pipelines = self._qpr_difference_pipelines(anchor, "model")
             for name, buf in self._qpr_buffers:
                 pipelines.append(
                     collectives.allreduce_dense(
-                        buf.data, Compression.none, self._qpr_comm, f"hvd_qpr.buffer.{name}", []
+                        buf.data,
+                        Compression.none,
+                        self._qpr_comm,
+                        f"hvd_qpr.buffer.{name}",
+                        [],
                     )
                 )
             results = collectives.run_pipelines(pipelines)
-            nb = len(self._qpr_buckets)
+            nm = len(pipelines) - len(self._qpr_buffers)
             with torch.no_grad():
-                for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
-                    for p, d in zip(bucket.params, bucket.split(mean), strict=True):
-                        p.copy_((anchors[id(p)].to(torch.float32) + d).to(p.dtype))
-                nd = len(self._qpr_dense)
-                rest = results[nb:]
-                for p, d in zip(self._qpr_dense, rest[:nd], strict=True):
-                    p.copy_(anchors[id(p)] + d)
-                for (_, buf), avg in zip(self._qpr_buffers, rest[nd:], strict=True):
+                for p, value in zip(
+                    self._qpr_params,
+                    self._qpr_anchor_plus(anchor, results[:nm]),
+                    strict=True,
+                ):
+                    p.copy_(value)
+                for (_, buf), avg in zip(self._qpr_buffers, results[nm:], strict=True):
                     buf.copy_(avg)
         self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
 
@@ -548,42 +598,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._qpr_check_average(average)
         overlap.update_anchor(average)
         if self._qpr_process_set.included():
-            anchors = {id(p): z for p, z in zip(self._qpr_params, overlap.anchor, strict=True)}
-            rank = self._qpr_process_set.rank()
-            pipelines: list[Pipeline] = []
-            for bucket in self._qpr_buckets:
-                delta = bucket.flatten(bucket.params) - bucket.flatten(
-                    anchors[id(p)] for p in bucket.params
-                )
-                seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
-                pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
-            for p in self._qpr_dense:
-                name = self._qpr_names[p]
-                pipelines.append(
-                    collectives.allreduce_dense(
-                        (p.detach() - anchors[id(p)]).contiguous(),
-                        self._qpr_dense_compressor,
-                        self._qpr_comm,
-                        f"hvd_qpr.overlap.{name}",
-                        [(name, p.numel())],
-                    )
-                )
-            overlap.launch(InFlight(pipelines))
+            overlap.launch(InFlight(self._qpr_difference_pipelines(overlap.anchor, "overlap")))
         overlap.pull_back(self._qpr_params)
 
     def _qpr_overlap_average(self, results: list[torch.Tensor]) -> list[torch.Tensor]:
-        """a = z + the averaged differences, one tensor per parameter."""
+        """a = z + the averaged differences (z has not moved since they were launched)."""
         overlap = self._qpr_overlap
         assert overlap is not None and overlap.anchor is not None
-        anchors = {id(p): z for p, z in zip(self._qpr_params, overlap.anchor, strict=True)}
-        average: dict[int, torch.Tensor] = {}
-        nb = len(self._qpr_buckets)
-        for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
-            for p, d in zip(bucket.params, bucket.split(mean), strict=True):
-                average[id(p)] = (anchors[id(p)].to(torch.float32) + d).to(p.dtype)
-        for p, d in zip(self._qpr_dense, results[nb:], strict=True):
-            average[id(p)] = anchors[id(p)] + d
-        return [average[id(p)] for p in self._qpr_params]
+        return self._qpr_anchor_plus(overlap.anchor, results)
 
     def _qpr_check_average(self, average: list[torch.Tensor] | None) -> None:
         """Every rank sees the same average: a NaN or Inf in it raises on all of them."""
@@ -688,7 +710,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
 
 def _parameter_names(
-    named_parameters: Iterable[tuple[str, torch.Tensor]] | None, param_groups: list[dict]
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+    param_groups: list[dict],
 ) -> dict[int, str]:
     """Names by id(parameter), checked as Horovod checks them."""
     if named_parameters is None:
