@@ -68,6 +68,25 @@ def gathered(x: torch.Tensor, name: str) -> torch.Tensor:
     return hvd.allgather(x.reshape(1, -1), name=name)
 
 
+def resumes_exactly(model, opt, make, steps: range, tag: str):
+    """Saves model and optimizer, trains on through steps, trains a fresh copy resumed from the
+    saved state through the same steps, and checks both end bit for bit equal. Returns the
+    resumed optimizer and the saved state."""
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for step in steps:
+        train_step(model, opt, step)
+    opt.state_dict()  # finishes an average in flight (the model is untouched), freeing its names
+    resumed = make_net()
+    resumed.load_state_dict(saved_model)
+    again = make(resumed)
+    again.load_state_dict(saved_opt)
+    for step in steps:
+        train_step(resumed, again, step)
+    check(torch.equal(flat_params(model), flat_params(resumed)), f"{tag}: the resumed run differs")
+    return again, saved_opt
+
+
 # ---- gossip: the exchange against a single-process simulation -----------------------------------
 
 
@@ -197,17 +216,8 @@ def check_gossip_resume_and_bytes() -> None:
     )
     wire = handed.total_wire("gossip")
     check(abs(stats["wire_bytes"] - wire) <= 1e-6 * wire, f"wire {stats['wire_bytes']} != {wire}")
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
-    for step in range(3, 7):
-        train_step(model, opt, step)
-    resumed = make_net()
-    resumed.load_state_dict(saved_model)
-    again = make(resumed)
-    again.load_state_dict(saved_opt)
-    for step in range(3, 7):
-        train_step(resumed, again, step)
-    check(torch.equal(flat_params(model), flat_params(resumed)), "gossip resume differs")
+    saved_opt = resumes_exactly(model, opt, make, range(3, 7), "gossip")[1]
+    check(saved_opt["hvd_qpr"]["gossip"]["theirs"], "no public copies were saved")
 
 
 def check_gossip_mismatch_and_bad_input() -> None:
@@ -319,19 +329,8 @@ def check_overlap_resume_with_average_in_flight() -> None:
     opt = make(model)
     for step in range(7):  # sync points after steps 3 and 6: an average is in flight
         train_step(model, opt, step)
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opt = copy.deepcopy(opt.state_dict())
+    again, saved_opt = resumes_exactly(model, opt, make, range(7, 14), "overlap")
     check(saved_opt["hvd_qpr"]["overlap"]["finished"] is not None, "no average was in flight")
-    for step in range(7, 14):
-        train_step(model, opt, step)
-    opt.state_dict()  # finishes the average in flight (the model is untouched), freeing its names
-    resumed = make_net()
-    resumed.load_state_dict(saved_model)
-    again = make(resumed)
-    again.load_state_dict(saved_opt)
-    for step in range(7, 14):
-        train_step(resumed, again, step)
-    check(torch.equal(flat_params(model), flat_params(resumed)), "overlap resume differs")
     again.sync_models()
     opt.sync_models()
     table = gathered(flat_params(model), "overlap.synced")
