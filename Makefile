@@ -69,6 +69,9 @@ bench-net: install
 		gossip-ring-2bit-naive gossip-exp-2bit gossip-exp-2bit-naive gossip-ring-4bit@1 \
 		gossip-ring-4bit-naive@1 overlap-pr overlap-4bit qpr-4bit-auto overlap-4bit-elias \
 		qpr-4bit-elias
+	$(PY) benchmarks/netsim.py --workers 4 --bandwidth-mbit 100 --tag overlap-k4 \
+		--baseline benchmarks/results/netsim_digits_100mbit_4w.json --local-steps 4 \
+		--pr-local-steps 4 --methods pr-sgd@4 overlap-pr qpr-4bit-elias overlap-4bit-elias
 	$(PY) benchmarks/scale_model.py --tag digits --results-md benchmarks/RESULTS.md
 	$(PY) benchmarks/scale_model.py --tag resnet50size --title "a ResNet-50-sized workload" \
 		--netsim none --parameters 25557032 --compute-ms 100 --dataset-steps 40037 \
