@@ -311,6 +311,39 @@ def check_overlap_equals_simulation() -> None:
         check(bool(gap <= 1e-5), f"bits {bits} {mode} tau {tau}: differs by {gap:.3g}")
 
 
+def check_overlap_with_every_aggregation() -> None:
+    """Overlap-Local-SGD runs through every aggregation of the ring path (chains of two or three
+    collectives advance by polling), sparse, sign and Elias payloads included."""
+    cases = [
+        (C.fp16, False, "auto"),
+        (C.qsgd(bits=4), False, "packed-sum"),
+        (C.qsgd(bits=2, elias=True), True, "scatter-gather"),
+        (C.topk(0.05), True, "gtopk"),
+        (C.adaptive_topk(), True, "allgather"),
+        (C.terngrad(), False, "allgather"),
+        (C.efsign(), True, "auto"),
+    ]
+    for comp, ef, mode in cases:
+        model = make_net()
+        opt = hvd_qpr.DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model.named_parameters(),
+            compression=comp,
+            error_feedback=ef,
+            aggregation=mode,
+            overlap=True,
+            min_compress_numel=64,
+        )
+        before = flat_params(model)
+        for step in range(7):
+            train_step(model, opt, step)
+        opt.sync_models()
+        table = gathered(flat_params(model), f"overlap.modes.{comp}.{mode}")
+        check(bool((table == table[0]).all()), f"{comp} {mode}: ranks differ after sync_models")
+        check(not torch.equal(before, flat_params(model)), f"{comp} {mode}: nothing trained")
+        check(opt.comm_stats()["payload_bytes"] > 0, f"{comp} {mode}: nothing sent")
+
+
 def check_overlap_resume_with_average_in_flight() -> None:
     def make(model):
         return hvd_qpr.DistributedOptimizer(
@@ -393,6 +426,7 @@ def main() -> None:
     run("gossip_mismatch_and_bad_input", check_gossip_mismatch_and_bad_input)
     run("overlap_alpha_zero_is_local_sgd", check_overlap_alpha_zero_is_local_sgd)
     run("overlap_equals_simulation", check_overlap_equals_simulation)
+    run("overlap_with_every_aggregation", check_overlap_with_every_aggregation)
     run("overlap_resume_with_average_in_flight", check_overlap_resume_with_average_in_flight)
     run("overlap_waits_less", check_overlap_waits_less)
     run("overlap_nan_raises_everywhere", check_overlap_nan_raises_everywhere)

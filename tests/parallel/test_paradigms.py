@@ -10,7 +10,7 @@ import pytest
 from tests.parallel.launch import run_checks
 
 WORKER = Path(__file__).with_name("paradigms_worker.py")
-MIN_CHECKS = 10
+MIN_CHECKS = 11
 
 
 @pytest.mark.timeout(300)
