@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
 CLANG_FORMAT := $(VENV)/bin/clang-format
+HADOLINT := $(VENV)/bin/hadolint
 
 # Sources to lint, those of them that exist.
 PY_SRC := $(wildcard hvd_qpr tests benchmarks examples setup.py)
@@ -21,7 +22,9 @@ test: install
 	$(PY) -m pytest -q tests
 
 lint:
-	@test -x $(RUFF) -a -x $(CLANG_FORMAT) || { echo "run 'make install' first" >&2; exit 1; }
+	@test -x $(RUFF) -a -x $(CLANG_FORMAT) -a -x $(HADOLINT) || \
+		{ echo "run 'make install' first" >&2; exit 1; }
+	$(HADOLINT) --failure-threshold info Dockerfile
 ifneq ($(PY_SRC),)
 	$(RUFF) check $(PY_SRC)
 	$(RUFF) format --check $(PY_SRC)

