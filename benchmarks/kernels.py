@@ -360,6 +360,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-reference", action="store_true", help="do not time the hvd_qpr.reference kernels"
     )
     parser.add_argument(
+        "--no-elias", action="store_true", help="do not time the Elias coders (no CUDA coder yet)"
+    )
+    parser.add_argument(
         "--reference-elias-max-log2",
         type=int,
         default=20,
@@ -424,8 +427,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 notes = list(base_notes)
                 times: dict[str, dict[str, float]] = {}
                 for impl in impls:
-                    with_elias = impl.name == "native" or log2 <= args.reference_elias_max_log2
-                    if not with_elias:
+                    with_elias = not args.no_elias and (
+                        impl.name == "native" or log2 <= args.reference_elias_max_log2
+                    )
+                    if args.no_elias:
+                        notes.append("Elias coders not timed (--no-elias)")
+                    elif not with_elias:
                         notes.append(
                             f"reference Elias coder not timed above 2**"
                             f"{args.reference_elias_max_log2} (--reference-elias-max-log2)"

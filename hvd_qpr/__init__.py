@@ -6,12 +6,30 @@ their pure-PyTorch definitions in :mod:`hvd_qpr.reference`; compressors in
 :mod:`hvd_qpr.gossip` and Overlap-Local-SGD in :mod:`hvd_qpr.overlap`.
 """
 
+import importlib
+
 from hvd_qpr import ops
-from hvd_qpr.collectives import Link
-from hvd_qpr.compression import Compression, Compressor, CompressorTraits, ErrorFeedback
-from hvd_qpr.gossip import Topology, consensus_distance, make_topology
 from hvd_qpr.ops import QuantizedTensor
-from hvd_qpr.optimizer import DistributedOptimizer
+
+# What needs Horovod is imported on first use, so the kernels (hvd_qpr.ops) work without it.
+_LAZY = {
+    "Link": "hvd_qpr.collectives",
+    "Compression": "hvd_qpr.compression",
+    "Compressor": "hvd_qpr.compression",
+    "CompressorTraits": "hvd_qpr.compression",
+    "ErrorFeedback": "hvd_qpr.compression",
+    "Topology": "hvd_qpr.gossip",
+    "consensus_distance": "hvd_qpr.gossip",
+    "make_topology": "hvd_qpr.gossip",
+    "DistributedOptimizer": "hvd_qpr.optimizer",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hvd_qpr' has no attribute {name!r}")
+
 
 __all__ = [
     "Compression",

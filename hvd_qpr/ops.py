@@ -158,7 +158,12 @@ def quantize(
     Raises:
         TypeError: x is not a tensor of a supported dtype.
         ValueError: bad bits, bucket_size or norm, NaN or Inf in x, an l2 norm that overflows,
-            or given scales that are negative, non-finite or below a bucket's maximum.
+            or given scales that are negative, non-finite or below a bucket's maximum. On CUDA
+            the data-dependent errors are recorded on the device instead, so that no call waits
+            for the GPU: a bucket holding NaN or Inf, or whose l2 norm overflows, gets a NaN
+            scale, and a bucket above its given scale gets invalid fields, which
+            :func:`dequantize` turns into NaN. (hvd_qpr's optimizer checks the model is finite
+            before quantizing, where it synchronizes anyway.)
 
     Example:
         >>> q = quantize(torch.randn(10_000), bits=4, norm="l2", seed=7)

@@ -1,0 +1,408 @@
+// CUDA implementations of the QSGD and bit-packing ops (quantize, dequantize, pack_bits,
+// unpack_bits). The rounding, the random draws and the field layout come from the headers the CPU
+// kernels use (csrc/include/qpr), so both devices give the same bits for the same input and seed.
+//
+// Work split. Scales: one warp per bucket, summing the l2 norm in the CPU kernels' order (lane j
+// takes elements j, j + 32, ... in float64, then a fold at distances 16, 8, 4, 2, 1). Packing: one
+// thread per 32-bit word of the packed stream, computing every field that overlaps the word (a
+// field that straddles two words is computed by both threads, identically), so no two threads
+// write the same byte and no atomics or zero fill are needed.
+//
+// Errors that depend on the data are recorded on the device instead of raised, so no call waits
+// for the GPU: a bucket holding NaN or Inf, or whose l2 norm overflows float32, gets a NaN scale;
+// a value above its given scale makes that bucket's fields invalid (the all-ones field); dequantize
+// writes NaN for an invalid field. hvd_qpr's optimizer checks that the model is finite before it
+// quantizes (it synchronizes there anyway), and hvd_qpr.ops documents the rest.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cstdint>
+
+#include "qpr/checks.h"
+#include "qpr/dispatch.h"
+#include "qpr/elias.h"
+#include "qpr/qsgd.h"
+#include "qpr/rng.h"
+
+namespace qpr {
+namespace cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kNormGiven = 2;  // as cpu::kNormGiven: scales are read, not computed
+
+struct F32 {
+  using T = float;
+  __device__ static float load(const T* x, int64_t i) { return x[i]; }
+  __device__ static T store(float v) { return v; }
+};
+struct F16 {
+  using T = __half;
+  __device__ static float load(const T* x, int64_t i) { return __half2float(x[i]); }
+  __device__ static T store(float v) { return __float2half_rn(v); }
+};
+struct BF16 {
+  using T = __nv_bfloat16;
+  __device__ static float load(const T* x, int64_t i) { return __bfloat162float(x[i]); }
+  __device__ static T store(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename F>
+void dispatch_elem(int code, F&& f) {
+  if (code == elias::kDtypeFloat32) {
+    f(F32{});
+  } else if (code == elias::kDtypeFloat16) {
+    f(F16{});
+  } else {
+    f(BF16{});
+  }
+}
+
+int64_t blocks_for(int64_t work, int64_t per_block) {
+  return std::max<int64_t>(1, (work + per_block - 1) / per_block);
+}
+
+void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be on a CUDA device, got ", t.device());
+}
+
+void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " is on ", b.device(),
+                    " but the input is on ", a.device());
+}
+
+// ---- scales
+// --------------------------------------------------------------------------------------
+
+// One warp per bucket: the scale (max |x| or l2 norm, in the CPU order), or a check of the given
+// scale. Poisons the scale with NaN when the bucket is not finite or its l2 norm overflows.
+template <typename E, int NORM>
+__global__ void bucket_scales_kernel(const typename E::T* __restrict__ x, int64_t numel,
+                                     int64_t bucket_size, int64_t nbuckets,
+                                     float* __restrict__ scales, uint8_t* __restrict__ poisoned) {
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b >= nbuckets) return;  // whole warps leave together
+  const int64_t start = b * bucket_size;
+  const int64_t n = min(bucket_size, numel - start);
+  uint32_t max_bits = 0;
+  double acc = 0.0;
+  for (int64_t i = lane; i < n; i += 32) {
+    const float v = E::load(x, start + i);
+    max_bits = max(max_bits, __float_as_uint(v) & 0x7FFFFFFFu);
+    if (NORM == elias::kNormL2) {
+      const double d = static_cast<double>(v);
+      acc += d * d;  // exact: a float's square fits a double, so a fused multiply-add agrees
+    }
+  }
+  max_bits = __reduce_max_sync(kFullMask, max_bits);
+  const bool nonfinite = max_bits > 0x7F7FFFFFu;
+  float scale;
+  if (NORM == elias::kNormL2) {
+    for (int h = 16; h >= 1; h /= 2) acc += __shfl_down_sync(kFullMask, acc, h);
+    scale = static_cast<float>(sqrt(__shfl_sync(kFullMask, acc, 0)));
+  } else {
+    scale = __uint_as_float(max_bits);
+  }
+  if (lane != 0) return;
+  if (NORM == kNormGiven) {
+    // a value above the agreed scale cannot be quantized: its bucket's fields become invalid
+    poisoned[b] = (nonfinite || __uint_as_float(max_bits) > scales[b]) ? 1 : 0;
+  } else {
+    const bool bad = nonfinite || !(scale <= 3.402823466e38f);
+    scales[b] = bad ? __int_as_float(0x7FC00000) : scale;
+    poisoned[b] = bad ? 1 : 0;
+  }
+}
+
+// ---- quantize: one thread per 32-bit word of packed fields --------------------------------------
+
+template <int B, typename E>
+__global__ void quantize_pack_kernel(const typename E::T* __restrict__ x, int64_t numel,
+                                     int64_t bucket_size, const float* __restrict__ scales,
+                                     const uint8_t* __restrict__ poisoned, RngKey key,
+                                     uint8_t* __restrict__ packed, int64_t packed_bytes) {
+  constexpr int S = QsgdLevels<B>::kS;
+  const int64_t word = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t first_bit = word * 32;
+  if (first_bit >= numel * B) return;
+  const int64_t e0 = first_bit / B;
+  const int64_t e1 = min(numel, (first_bit + 32 + B - 1) / B);  // past the last overlapping field
+  uint64_t bits = 0;                                            // the stream from bit e0 * B on
+  int64_t bucket = -1;
+  float divisor = 1.0f;
+  bool invalid = false;
+  for (int64_t e = e0; e < e1; ++e) {
+    if (e / bucket_size != bucket) {
+      bucket = e / bucket_size;
+      divisor = qsgd_divisor(scales[bucket]);
+      invalid = poisoned[bucket] != 0;
+    }
+    const uint32_t h =
+        rng_draw(rng_stream_key(key, static_cast<uint32_t>(e >> 32)), static_cast<uint32_t>(e));
+    const uint32_t field = invalid
+                               ? QsgdLevels<B>::kInvalidField
+                               : static_cast<uint32_t>(qsgd_field<S>(E::load(x, e), divisor, h));
+    bits |= static_cast<uint64_t>(field) << ((e - e0) * B);
+  }
+  const uint32_t w = static_cast<uint32_t>(bits >> (first_bit - e0 * B));
+  const int64_t byte0 = word * 4;
+  for (int k = 0; k < 4 && byte0 + k < packed_bytes; ++k) {
+    packed[byte0 + k] = static_cast<uint8_t>(w >> (8 * k));
+  }
+}
+
+void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int64_t norm,
+                  int64_t seed, at::Tensor& packed, at::Tensor& scales, const char* op) {
+  check_cuda(x_in, op, "x");
+  check_cuda(packed, op, "packed");
+  check_cuda(scales, op, "scales");
+  check_same_device(x_in, packed, op, "packed");
+  check_same_device(x_in, scales, op, "scales");
+  check_float_input(x_in, op, "x");
+  const int64_t numel = x_in.numel();
+  check_quantized(packed, scales, numel, bits, bucket_size, op);
+  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
+                    ": packed and scales must be contiguous");
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t nbuckets = scales.numel();
+  at::Tensor poisoned = at::empty({nbuckets}, x.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const RngKey key = make_rng_key(static_cast<uint64_t>(seed));
+  const int64_t words = (numel * bits + 31) / 32;
+  dispatch_elem(elem_code(x.scalar_type(), op), [&](auto elem) {
+    using E = decltype(elem);
+    using T = typename E::T;
+    const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+    const int64_t scale_blocks = blocks_for(nbuckets, kWarpsPerBlock);
+    auto scales_with = [&](auto kernel) {
+      kernel<<<scale_blocks, kThreads, 0, stream>>>(
+          xp, numel, bucket_size, nbuckets, scales.data_ptr<float>(), poisoned.data_ptr<uint8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (norm == elias::kNormMax) {
+      scales_with(bucket_scales_kernel<E, elias::kNormMax>);
+    } else if (norm == elias::kNormL2) {
+      scales_with(bucket_scales_kernel<E, elias::kNormL2>);
+    } else {
+      scales_with(bucket_scales_kernel<E, kNormGiven>);
+    }
+    dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
+      quantize_pack_kernel<b(), E><<<blocks_for(words, kThreads), kThreads, 0, stream>>>(
+          xp, numel, bucket_size, scales.data_ptr<float>(), poisoned.data_ptr<uint8_t>(), key,
+          packed.data_ptr<uint8_t>(), packed.numel());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void quantize_out_cuda(const at::Tensor& x, int64_t bits, int64_t bucket_size, int64_t norm,
+                       int64_t seed, at::Tensor& packed, at::Tensor& scales) {
+  check_norm(norm, "quantize");
+  run_quantize(x, bits, bucket_size, norm, seed, packed, scales, "quantize");
+}
+
+void quantize_scaled_out_cuda(const at::Tensor& x, const at::Tensor& scales_in, int64_t bits,
+                              int64_t bucket_size, int64_t seed, at::Tensor& packed) {
+  check_dtype(scales_in, at::kFloat, "quantize", "scales");
+  at::Tensor scales = scales_in.contiguous();
+  run_quantize(x, bits, bucket_size, kNormGiven, seed, packed, scales, "quantize");
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bits,
+                                                 int64_t bucket_size, int64_t norm, int64_t seed) {
+  check_bits(bits, "quantize");
+  check_bucket_size(bucket_size, "quantize");
+  at::Tensor packed = at::empty({packed_bytes(x.numel(), bits)}, x.options().dtype(at::kByte));
+  at::Tensor scales =
+      at::empty({num_buckets(x.numel(), bucket_size)}, x.options().dtype(at::kFloat));
+  quantize_out_cuda(x, bits, bucket_size, norm, seed, packed, scales);
+  return {packed, scales};
+}
+
+// ---- dequantize: one thread per value -----------------------------------------------------------
+
+template <int B, typename E>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ packed, int64_t packed_bytes,
+                                  const float* __restrict__ scales, int64_t numel,
+                                  int64_t bucket_size, typename E::T* __restrict__ out) {
+  constexpr int S = QsgdLevels<B>::kS;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= numel) return;
+  const int64_t bit = e * B;
+  const int64_t byte = bit / 8;
+  uint32_t v = packed[byte];
+  if (byte + 1 < packed_bytes) v |= static_cast<uint32_t>(packed[byte + 1]) << 8;
+  const uint32_t field = (v >> (bit % 8)) & ((1u << B) - 1u);
+  const float step = qsgd_step(scales[e / bucket_size], S);
+  const float level = static_cast<float>(static_cast<int>(field) - S);
+  out[e] =
+      E::store(field == QsgdLevels<B>::kInvalidField ? __int_as_float(0x7FC00000) : level * step);
+}
+
+void dequantize_out_cuda(const at::Tensor& packed_in, const at::Tensor& scales_in,
+                         int64_t bucket_size, int64_t bits, at::Tensor& out) {
+  constexpr const char* op = "dequantize";
+  check_cuda(packed_in, op, "packed");
+  check_cuda(scales_in, op, "scales");
+  check_cuda(out, op, "out");
+  check_same_device(packed_in, scales_in, op, "scales");
+  check_same_device(packed_in, out, op, "out");
+  check_float_input(out, op, "out");
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  const int64_t numel = out.numel();
+  check_quantized(packed_in, scales_in, numel, bits, bucket_size, op);
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const at::Tensor packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_elem(elem_code(out.scalar_type(), op), [&](auto elem) {
+    using E = decltype(elem);
+    dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
+      dequantize_kernel<b(), E><<<blocks_for(numel, kThreads), kThreads, 0, stream>>>(
+          packed.data_ptr<uint8_t>(), packed.numel(), scales.data_ptr<float>(), numel, bucket_size,
+          reinterpret_cast<typename E::T*>(out.data_ptr()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scales,
+                           at::IntArrayRef shape, int64_t bits, int64_t bucket_size,
+                           at::ScalarType dtype) {
+  elem_code(dtype, "dequantize");
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  dequantize_out_cuda(packed, scales, bucket_size, bits, out);
+  return out;
+}
+
+// ---- pack_bits / unpack_bits --------------------------------------------------------------------
+
+template <typename T>
+__global__ void pack_kernel(const T* __restrict__ values, int64_t numel, int field_bits,
+                            uint8_t* __restrict__ out, int64_t out_bytes) {
+  const int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (byte >= out_bytes) return;
+  const int64_t first_bit = byte * 8;
+  const int64_t e0 = first_bit / field_bits;
+  const int64_t e1 = min(numel, (first_bit + 8 + field_bits - 1) / field_bits);
+  const uint64_t mask = (uint64_t{1} << field_bits) - 1;
+  uint64_t bits = 0;
+  for (int64_t e = e0; e < e1; ++e) {
+    bits |= (static_cast<uint64_t>(values[e]) & mask) << ((e - e0) * field_bits);
+  }
+  out[byte] = static_cast<uint8_t>(bits >> (first_bit - e0 * field_bits));
+}
+
+template <typename T>
+__global__ void unpack_kernel(const uint8_t* __restrict__ packed, int64_t packed_bytes,
+                              int field_bits, int64_t numel, T* __restrict__ out) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= numel) return;
+  const int64_t bit = e * field_bits;
+  const int64_t byte = bit / 8;
+  uint32_t v = 0;
+  for (int k = 0; k < 3 && byte + k < packed_bytes; ++k) {
+    v |= static_cast<uint32_t>(packed[byte + k]) << (8 * k);
+  }
+  out[e] = static_cast<T>((v >> (bit % 8)) & ((1u << field_bits) - 1u));
+}
+
+template <typename F>
+void dispatch_int_type(at::ScalarType dt, const char* op, const char* name, F&& f) {
+  switch (dt) {
+    case at::kByte:
+      return f(uint8_t{});
+    case at::kShort:
+      return f(int16_t{});
+    case at::kInt:
+      return f(int32_t{});
+    case at::kLong:
+      return f(int64_t{});
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be uint8, int16, int32 or int64, got ",
+                       dtype_name(dt));
+  }
+}
+
+at::Tensor pack_bits_cuda(const at::Tensor& values_in, int64_t field_bits) {
+  constexpr const char* op = "pack_bits";
+  check_cuda(values_in, op, "values");
+  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
+                    field_bits);
+  const c10::cuda::CUDAGuard guard(values_in.device());
+  const at::Tensor values = values_in.contiguous().reshape({-1});
+  const int64_t numel = values.numel();
+  at::Tensor out = at::empty({packed_bytes(numel, field_bits)}, values.options().dtype(at::kByte));
+  dispatch_int_type(values.scalar_type(), op, "values", [&](auto zero) {
+    using T = decltype(zero);
+    if (numel > 0) {
+      // a range check costs one synchronization; pack_bits is not on the quantizers' path
+      const auto [lo, hi] = at::aminmax(values);
+      TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < (int64_t{1} << field_bits),
+                        op, ": values must be in [0, 2**", field_bits, "), got min ",
+                        lo.item<int64_t>(), " and max ", hi.item<int64_t>());
+    }
+    if (out.numel() == 0) return;
+    pack_kernel<T>
+        <<<blocks_for(out.numel(), kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            values.data_ptr<T>(), numel, static_cast<int>(field_bits), out.data_ptr<uint8_t>(),
+            out.numel());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t field_bits, int64_t numel,
+                            at::ScalarType dtype) {
+  constexpr const char* op = "unpack_bits";
+  check_cuda(packed_in, op, "packed");
+  check_dtype(packed_in, at::kByte, op, "packed");
+  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
+                    field_bits);
+  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(packed_in.dim() == 1 && packed_in.numel() >= packed_bytes(numel, field_bits),
+                    op, ": packed must be a 1-D tensor of at least ",
+                    packed_bytes(numel, field_bits), " bytes for ", numel, " fields of ",
+                    field_bits, " bits, got shape ", packed_in.sizes());
+  const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
+  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ",
+                    dtype_name(dtype));
+  const c10::cuda::CUDAGuard guard(packed_in.device());
+  const at::Tensor packed = packed_in.contiguous();
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  if (numel == 0) return out;
+  dispatch_int_type(dtype, op, "dtype", [&](auto zero) {
+    using T = decltype(zero);
+    unpack_kernel<T>
+        <<<blocks_for(numel, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            packed.data_ptr<uint8_t>(), packed.numel(), static_cast<int>(field_bits), numel,
+            out.data_ptr<T>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace qpr
+
+TORCH_LIBRARY_IMPL(hvd_qpr, CUDA, m) {
+  m.impl("quantize", &qpr::cuda::quantize_cuda);
+  m.impl("quantize_out", &qpr::cuda::quantize_out_cuda);
+  m.impl("quantize_scaled_out", &qpr::cuda::quantize_scaled_out_cuda);
+  m.impl("dequantize", &qpr::cuda::dequantize_cuda);
+  m.impl("dequantize_out", &qpr::cuda::dequantize_out_cuda);
+  m.impl("pack_bits", &qpr::cuda::pack_bits_cuda);
+  m.impl("unpack_bits", &qpr::cuda::unpack_bits_cuda);
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The check the lent GPU machine runs in one call (device tool: `bash scripts/gpu_check.sh`):
+# builds the extension with its CUDA sources, runs the CUDA-vs-CPU kernel tests and the kernel
+# unit tests, and benchmarks the kernels on the GPU. Everything it prints also goes to $OUT.
+# The GPU machine has a CUDA build of PyTorch and nvcc but no Horovod; hvd_qpr.ops needs neither.
+set -euo pipefail
+
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+nvidia-smi || true
+PY="${PYTHON:-python3}"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+          torch.cuda.get_device_name())'
+
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+"$PY" -m pip install --quiet pytest pytest-timeout numpy
+start=$SECONDS
+"$PY" setup.py build_ext --inplace
+echo "built in $((SECONDS - start)) s"
+"$PY" -c 'from hvd_qpr import _C; assert _C.with_cuda, "the CUDA sources were not built"'
+
+"$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_quantize.py \
+    tests/unit/test_pack_bits.py tests/unit/test_rng.py \
+    --junitxml="$OUT/pytest.xml" || status=$?
+
+"$PY" benchmarks/kernels.py --device cuda --sizes 20 26 --bits 2 4 8 --no-elias \
+    --topk-densities 0.001 0.01 --json "$OUT/kernels_cuda.json"
+exit "${status:-0}"

@@ -1,0 +1,113 @@
+"""The CUDA kernels against the CPU kernels: bit-identical packed fields and scales for the same
+input and seed, over every bit width, dtype, norm and odd size; dequantize and the bit packing;
+the device-side error records; the quantizer's statistics on the GPU. Skipped without CUDA (the
+GPU machine runs them: scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hvd_qpr import _C, ops
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _C.with_cuda), reason="needs a CUDA device and a CUDA build"
+)
+
+SIZES = (1, 511, 513, 100_003, 2**24 + 3)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fresh(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g) * torch.rand(n, generator=g) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["max", "l2"])
+def test_quantize_is_bit_identical_to_the_cpu(n, dtype, norm):
+    x = fresh(n, dtype, n)
+    for bits in range(2, 9):
+        for bucket in (512, 511, 1, 4099):
+            cpu = ops.quantize(x, bits, bucket, norm, seed=1000 + bits)
+            gpu = ops.quantize(x.cuda(), bits, bucket, norm, seed=1000 + bits)
+            assert torch.equal(gpu.scales.cpu(), cpu.scales), (bits, bucket)
+            assert torch.equal(gpu.packed.cpu(), cpu.packed), (bits, bucket)
+            if n > 2**20:
+                break  # the largest size: one bucket size is enough
+
+
+@pytest.mark.parametrize("n", SIZES[:4])
+def test_quantize_against_given_scales_matches_the_cpu(n):
+    x = fresh(n, torch.float32, 7)
+    nb = -(-n // 512)
+    peaks = torch.cat([x.abs(), x.new_zeros(nb * 512 - n)]).view(nb, 512).amax(1)
+    shared = peaks * 1.5
+    for bits in (2, 4, 8):
+        cpu = ops.quantize(x, bits, 512, seed=3, scales=shared)
+        gpu = ops.quantize(x.cuda(), bits, 512, seed=3, scales=shared.cuda())
+        assert torch.equal(gpu.packed.cpu(), cpu.packed)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_is_bit_identical_to_the_cpu(n, dtype):
+    x = fresh(n, torch.float32, 11)
+    for bits in (2, 3, 4, 8):
+        q = ops.quantize(x, bits, 512, seed=5)
+        cpu = ops.dequantize(q, dtype)
+        gpu = ops.dequantize(_to_cuda(q), dtype)
+        assert torch.equal(gpu.cpu(), cpu), bits
+
+
+def _to_cuda(q: ops.QuantizedTensor) -> ops.QuantizedTensor:
+    return ops.QuantizedTensor(
+        q.packed.cuda(), q.scales.cuda(), q.numel, q.shape, q.dtype, q.bits, q.bucket_size, q.norm
+    )
+
+
+@pytest.mark.parametrize("field_bits", [1, 2, 3, 5, 8, 11, 16])
+@pytest.mark.parametrize("n", [1, 511, 513, 100_003])
+def test_pack_and_unpack_bits_match_the_cpu(field_bits, n):
+    g = torch.Generator().manual_seed(n + field_bits)
+    values = torch.randint(0, 2**field_bits, (n,), generator=g, dtype=torch.int32)
+    packed = ops.pack_bits(values, field_bits)
+    assert torch.equal(ops.pack_bits(values.cuda(), field_bits).cpu(), packed)
+    out = ops.unpack_bits(packed.cuda(), field_bits, n, torch.int32)
+    assert torch.equal(out.cpu(), values)
+    with pytest.raises(ValueError, match="values must be in"):
+        ops.pack_bits(values.cuda() + 2**field_bits, field_bits)
+
+
+def test_errors_are_recorded_on_the_device_not_raised():
+    x = fresh(2048, torch.float32, 1).cuda()
+    x[600] = float("nan")
+    q = ops.quantize(x, 4, 512, seed=1)  # no host synchronization, so no exception
+    scales = q.scales.cpu()
+    assert torch.isnan(scales[1]) and torch.isfinite(scales[[0, 2, 3]]).all()
+    out = ops.dequantize(q).cpu()
+    assert torch.isnan(out[512:1024]).all() and torch.isfinite(out[:512]).all()
+    small = ops.quantize(x.nan_to_num(0.0), 4, 512, seed=1, scales=torch.full((4,), 1e-3).cuda())
+    assert torch.isnan(ops.dequantize(small).cpu()).all()  # every bucket exceeds its given scale
+
+
+def test_cross_device_arguments_are_refused():
+    x = fresh(1000, torch.float32, 2).cuda()
+    with pytest.raises(ValueError, match="must be on a CUDA device|is on"):
+        ops.quantize(x, 4, 512, seed=1, scales=torch.ones(2))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantizer_is_unbiased_on_the_gpu(bits):
+    x = fresh(4099, torch.float32, 9).cuda()
+    total = torch.zeros_like(x)
+    draws = 400
+    for seed in range(draws):
+        total += ops.dequantize(ops.quantize(x, bits, 512, seed=seed))
+    mean = total / draws
+    q = ops.quantize(x, bits, 512, seed=0)
+    step = (q.scales / (2 ** (bits - 1) - 1)).repeat_interleave(512)[: x.numel()]
+    # each value's draws are Bernoulli between two levels: sd <= step / 2 / sqrt(draws)
+    z = (mean - x).abs() / (step / 2 / draws**0.5 + 1e-12)
+    assert float(z.max()) < 5.5
