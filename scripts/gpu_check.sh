@@ -22,7 +22,7 @@ echo "built in $((SECONDS - start)) s"
 "$PY" -c 'from hvd_qpr import _C; assert _C.with_cuda, "the CUDA sources were not built"'
 
 "$PY" -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_quantize.py \
-    tests/unit/test_pack_bits.py tests/unit/test_rng.py \
+    tests/unit/test_pack_bits.py tests/unit/test_rng.py tests/unit/test_elias.py \
     --junitxml="$OUT/pytest.xml" || status=$?
 
 "$PY" benchmarks/kernels.py --device cuda --sizes 20 26 --bits 2 4 8 --no-elias \

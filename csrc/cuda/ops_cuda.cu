@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "cuda/bitpack.cuh"
 #include "qpr/checks.h"
 #include "qpr/dispatch.h"
 #include "qpr/elias.h"
@@ -288,36 +289,6 @@ at::Tensor dequantize_cuda(const at::Tensor& packed, const at::Tensor& scales,
 
 // ---- pack_bits / unpack_bits --------------------------------------------------------------------
 
-template <typename T>
-__global__ void pack_kernel(const T* __restrict__ values, int64_t numel, int field_bits,
-                            uint8_t* __restrict__ out, int64_t out_bytes) {
-  const int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (byte >= out_bytes) return;
-  const int64_t first_bit = byte * 8;
-  const int64_t e0 = first_bit / field_bits;
-  const int64_t e1 = min(numel, (first_bit + 8 + field_bits - 1) / field_bits);
-  const uint64_t mask = (uint64_t{1} << field_bits) - 1;
-  uint64_t bits = 0;
-  for (int64_t e = e0; e < e1; ++e) {
-    bits |= (static_cast<uint64_t>(values[e]) & mask) << ((e - e0) * field_bits);
-  }
-  out[byte] = static_cast<uint8_t>(bits >> (first_bit - e0 * field_bits));
-}
-
-template <typename T>
-__global__ void unpack_kernel(const uint8_t* __restrict__ packed, int64_t packed_bytes,
-                              int field_bits, int64_t numel, T* __restrict__ out) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= numel) return;
-  const int64_t bit = e * field_bits;
-  const int64_t byte = bit / 8;
-  uint32_t v = 0;
-  for (int k = 0; k < 3 && byte + k < packed_bytes; ++k) {
-    v |= static_cast<uint32_t>(packed[byte + k]) << (8 * k);
-  }
-  out[e] = static_cast<T>((v >> (bit % 8)) & ((1u << field_bits) - 1u));
-}
-
 template <typename F>
 void dispatch_int_type(at::ScalarType dt, const char* op, const char* name, F&& f) {
   switch (dt) {
@@ -354,7 +325,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& values_in, int64_t field_bits) {
                         lo.item<int64_t>(), " and max ", hi.item<int64_t>());
     }
     if (out.numel() == 0) return;
-    pack_kernel<T>
+    bitpack::pack_kernel<T>
         <<<blocks_for(out.numel(), kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             values.data_ptr<T>(), numel, static_cast<int>(field_bits), out.data_ptr<uint8_t>(),
             out.numel());
@@ -384,7 +355,7 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t field_bits, int
   if (numel == 0) return out;
   dispatch_int_type(dtype, op, "dtype", [&](auto zero) {
     using T = decltype(zero);
-    unpack_kernel<T>
+    bitpack::unpack_kernel<T>
         <<<blocks_for(numel, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             packed.data_ptr<uint8_t>(), packed.numel(), static_cast<int>(field_bits), numel,
             out.data_ptr<T>());

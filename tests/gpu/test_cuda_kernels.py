@@ -111,3 +111,49 @@ def test_quantizer_is_unbiased_on_the_gpu(bits):
     # each value's draws are Bernoulli between two levels: sd <= step / 2 / sqrt(draws)
     z = (mean - x).abs() / (step / 2 / draws**0.5 + 1e-12)
     assert float(z.max()) < 5.5
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_elias_streams_are_identical_and_decode_across_devices(n, bits):
+    x = fresh(n, torch.float32, 21 + bits)
+    for norm in ("max", "l2"):
+        q = ops.quantize(x, bits, 512, norm, seed=bits)
+        cpu_stream = ops.elias_encode(q)
+        gpu_stream = ops.elias_encode(_to_cuda(q))
+        assert gpu_stream.is_cuda and torch.equal(gpu_stream.cpu(), cpu_stream)
+        from_cpu = ops.elias_decode(cpu_stream.cuda())  # encoded on the CPU, decoded on the GPU
+        assert torch.equal(from_cpu.packed.cpu(), q.packed)
+        assert torch.equal(from_cpu.scales.cpu(), q.scales)
+        assert ops.elias_decode(gpu_stream.cpu()) == q  # encoded on the GPU, decoded on the CPU
+
+
+def test_corrupt_streams_raise_value_error_on_the_gpu():
+    """Random byte changes, truncations and extensions: the GPU decoder raises ValueError
+    exactly when the CPU decoder does (never an illegal memory access), else agrees with it."""
+    g = torch.Generator().manual_seed(99)
+    x = fresh(3001, torch.float32, 5)
+    stream = ops.elias_encode(ops.quantize(x, 4, 256, seed=1))
+    for trial in range(600):
+        s = stream.clone()
+        kind = trial % 3
+        if kind == 0:
+            pos = torch.randint(0, s.numel(), (3,), generator=g)
+            s[pos] = torch.randint(0, 256, (3,), generator=g, dtype=torch.uint8)
+        elif kind == 1:
+            s = s[: int(torch.randint(0, s.numel(), (1,), generator=g))]
+        else:
+            s = torch.cat([s, torch.randint(0, 256, (5,), generator=g, dtype=torch.uint8)])
+        try:
+            expected = ops.elias_decode(s)
+        except ValueError:
+            expected = None
+        try:
+            got = ops.elias_decode(s.cuda())
+        except ValueError as e:
+            assert "elias_decode" in str(e)
+            got = None
+        assert (got is None) == (expected is None), trial
+        if got is not None:
+            assert torch.equal(got.packed.cpu(), expected.packed), trial
+    torch.cuda.synchronize()  # any asynchronous fault would surface here
