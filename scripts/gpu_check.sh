@@ -25,6 +25,6 @@ echo "built in $((SECONDS - start)) s"
     tests/unit/test_pack_bits.py tests/unit/test_rng.py tests/unit/test_elias.py \
     --junitxml="$OUT/pytest.xml" || status=$?
 
-"$PY" benchmarks/kernels.py --device cuda --sizes 20 26 --bits 2 4 8 --no-elias \
+"$PY" benchmarks/kernels.py --device cuda --sizes 20 26 --bits 2 4 8 \
     --topk-densities 0.001 0.01 --json "$OUT/kernels_cuda.json"
 exit "${status:-0}"
