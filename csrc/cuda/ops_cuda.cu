@@ -3,10 +3,12 @@
 // kernels use (csrc/include/qpr), so both devices give the same bits for the same input and seed.
 //
 // Work split. Scales: one warp per bucket, summing the l2 norm in the CPU kernels' order (lane j
-// takes elements j, j + 32, ... in float64, then a fold at distances 16, 8, 4, 2, 1). Packing: one
-// thread per 32-bit word of the packed stream, computing every field that overlaps the word (a
-// field that straddles two words is computed by both threads, identically), so no two threads
-// write the same byte and no atomics or zero fill are needed.
+// takes elements j, j + 32, ... in float64, then a fold at distances 16, 8, 4, 2, 1). When a
+// bucket's fields fill whole 32-bit words (bucket_size * bits a multiple of 32, as for the usual
+// 512), the same warp then quantizes and packs its bucket: one pass over the input in DRAM terms.
+// Otherwise packing is a second kernel with one thread per 32-bit word of the packed stream,
+// computing every field that overlaps the word (a field that straddles two words is computed by
+// both threads, identically), so no two threads write the same byte and no atomics are needed.
 //
 // Errors that depend on the data are recorded on the device instead of raised, so no call waits
 // for the GPU: a bucket holding NaN or Inf, or whose l2 norm overflows float32, gets a NaN scale;
@@ -82,17 +84,13 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
 // ---- scales
 // --------------------------------------------------------------------------------------
 
-// One warp per bucket: the scale (max |x| or l2 norm, in the CPU order), or a check of the given
-// scale. Poisons the scale with NaN when the bucket is not finite or its l2 norm overflows.
+// The scale of one bucket, computed by a whole warp: max |x| or the l2 norm in the CPU order, or
+// the given scale. Every lane returns it (NaN when the bucket is not finite or its l2 norm
+// overflows) and whether the bucket's fields must be invalid (also a value above a given scale).
 template <typename E, int NORM>
-__global__ void bucket_scales_kernel(const typename E::T* __restrict__ x, int64_t numel,
-                                     int64_t bucket_size, int64_t nbuckets,
-                                     float* __restrict__ scales, uint8_t* __restrict__ poisoned) {
+__device__ float warp_bucket_scale(const typename E::T* __restrict__ x, int64_t start, int64_t n,
+                                   float given, bool& invalid) {
   const int lane = threadIdx.x % 32;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (b >= nbuckets) return;  // whole warps leave together
-  const int64_t start = b * bucket_size;
-  const int64_t n = min(bucket_size, numel - start);
   uint32_t max_bits = 0;
   double acc = 0.0;
   for (int64_t i = lane; i < n; i += 32) {
@@ -105,21 +103,86 @@ __global__ void bucket_scales_kernel(const typename E::T* __restrict__ x, int64_
   }
   max_bits = __reduce_max_sync(kFullMask, max_bits);
   const bool nonfinite = max_bits > 0x7F7FFFFFu;
-  float scale;
+  if (NORM == kNormGiven) {
+    invalid = nonfinite || __uint_as_float(max_bits) > given;
+    return given;
+  }
+  float scale = __uint_as_float(max_bits);
   if (NORM == elias::kNormL2) {
     for (int h = 16; h >= 1; h /= 2) acc += __shfl_down_sync(kFullMask, acc, h);
     scale = static_cast<float>(sqrt(__shfl_sync(kFullMask, acc, 0)));
-  } else {
-    scale = __uint_as_float(max_bits);
   }
-  if (lane != 0) return;
-  if (NORM == kNormGiven) {
-    // a value above the agreed scale cannot be quantized: its bucket's fields become invalid
-    poisoned[b] = (nonfinite || __uint_as_float(max_bits) > scales[b]) ? 1 : 0;
-  } else {
-    const bool bad = nonfinite || !(scale <= 3.402823466e38f);
-    scales[b] = bad ? __int_as_float(0x7FC00000) : scale;
-    poisoned[b] = bad ? 1 : 0;
+  invalid = nonfinite || !(scale <= 3.402823466e38f);
+  return invalid ? __int_as_float(0x7FC00000) : scale;
+}
+
+// One warp per bucket: the scales (or the check of given ones) for the two-pass path.
+template <typename E, int NORM>
+__global__ void bucket_scales_kernel(const typename E::T* __restrict__ x, int64_t numel,
+                                     int64_t bucket_size, int64_t nbuckets,
+                                     float* __restrict__ scales, uint8_t* __restrict__ poisoned) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b >= nbuckets) return;  // whole warps leave together
+  const int64_t start = b * bucket_size;
+  bool invalid = false;
+  const float scale = warp_bucket_scale<E, NORM>(x, start, min(bucket_size, numel - start),
+                                                 NORM == kNormGiven ? scales[b] : 0.0f, invalid);
+  if (threadIdx.x % 32 != 0) return;
+  if (NORM != kNormGiven) scales[b] = scale;
+  poisoned[b] = invalid ? 1 : 0;
+}
+
+// ---- quantize, fused: one warp per bucket whose fields fill whole 32-bit words ------------------
+
+// Reads the bucket for its scale and again (from cache) for its fields, and writes whole words:
+// 32 fields at a time, one OR-reduction across the warp per output word, lane k storing word k.
+template <int B, typename E, int NORM>
+__global__ void quantize_fused_kernel(const typename E::T* __restrict__ x, int64_t numel,
+                                      int64_t bucket_size, int64_t nbuckets,
+                                      float* __restrict__ scales, RngKey key,
+                                      uint8_t* __restrict__ packed, int64_t packed_bytes) {
+  constexpr int S = QsgdLevels<B>::kS;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b >= nbuckets) return;
+  const int64_t start = b * bucket_size;
+  const int64_t n = min(bucket_size, numel - start);
+  bool invalid = false;
+  const float scale =
+      warp_bucket_scale<E, NORM>(x, start, n, NORM == kNormGiven ? scales[b] : 0.0f, invalid);
+  if (NORM != kNormGiven && lane == 0) scales[b] = scale;
+  const float divisor = qsgd_divisor(scale);
+  const int shift = (lane * B) % 32;
+  const int home = (lane * B) / 32;  // the word this lane's field starts in, within a chunk
+  for (int64_t c = 0; c < n; c += 32) {
+    const int64_t i = c + lane;
+    uint32_t field = 0;
+    if (i < n) {
+      const int64_t e = start + i;
+      const uint32_t h =
+          rng_draw(rng_stream_key(key, static_cast<uint32_t>(e >> 32)), static_cast<uint32_t>(e));
+      field = invalid ? QsgdLevels<B>::kInvalidField
+                      : static_cast<uint32_t>(qsgd_field<S>(E::load(x, e), divisor, h));
+    }
+    uint32_t mine = 0;
+    for (int k = 0; k < B; ++k) {
+      uint32_t part = 0;
+      if (k == home) part = field << shift;
+      if (k == home + 1 && shift + B > 32) part = field >> (32 - shift);
+      const uint32_t word = __reduce_or_sync(kFullMask, part);
+      if (lane == k) mine = word;
+    }
+    const int64_t words = (min(static_cast<int64_t>(32), n - c) * B + 31) / 32;
+    if (lane < words) {
+      const int64_t byte0 = (start + c) * B / 8 + 4 * lane;  // (start + c) * B is word-aligned
+      if (byte0 + 4 <= packed_bytes) {
+        *reinterpret_cast<uint32_t*>(packed + byte0) = mine;
+      } else {
+        for (int k = 0; byte0 + k < packed_bytes; ++k) {
+          packed[byte0 + k] = static_cast<uint8_t>(mine >> (8 * k));
+        }
+      }
+    }
   }
 }
 
@@ -176,15 +239,37 @@ void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t nbuckets = scales.numel();
-  at::Tensor poisoned = at::empty({nbuckets}, x.options().dtype(at::kByte));
+
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const RngKey key = make_rng_key(static_cast<uint64_t>(seed));
   const int64_t words = (numel * bits + 31) / 32;
+  // Buckets that fill whole words, into a word-aligned buffer: the fused one-warp-a-bucket kernel.
+  const bool fused =
+      (bucket_size * bits) % 32 == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr()) % 4 == 0;
+  at::Tensor poisoned = fused ? at::Tensor() : at::empty({nbuckets}, x.options().dtype(at::kByte));
   dispatch_elem(elem_code(x.scalar_type(), op), [&](auto elem) {
     using E = decltype(elem);
     using T = typename E::T;
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     const int64_t scale_blocks = blocks_for(nbuckets, kWarpsPerBlock);
+    if (fused) {
+      dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
+        auto launch = [&](auto kernel) {
+          kernel<<<scale_blocks, kThreads, 0, stream>>>(xp, numel, bucket_size, nbuckets,
+                                                        scales.data_ptr<float>(), key,
+                                                        packed.data_ptr<uint8_t>(), packed.numel());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (norm == elias::kNormMax) {
+          launch(quantize_fused_kernel<b(), E, elias::kNormMax>);
+        } else if (norm == elias::kNormL2) {
+          launch(quantize_fused_kernel<b(), E, elias::kNormL2>);
+        } else {
+          launch(quantize_fused_kernel<b(), E, kNormGiven>);
+        }
+      });
+      return;
+    }
     auto scales_with = [&](auto kernel) {
       kernel<<<scale_blocks, kThreads, 0, stream>>>(
           xp, numel, bucket_size, nbuckets, scales.data_ptr<float>(), poisoned.data_ptr<uint8_t>());
