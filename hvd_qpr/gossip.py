@@ -316,7 +316,8 @@ class GossipState:
                 frames.setdefault(peer, []).append(frame)
         if self.topology.period == 1:
             frames = {peer: frames[peers[0]] for peer in peers} if peers else {}
-        received = yield from exchange(frames, comm, f"hvd_qpr.gossip.r{index}", len(groups))
+        name = f"hvd_qpr.gossip.r{index}"
+        received = yield from exchange(frames, comm, name, len(groups), xs[0].device)
         out = []
         for g, (group, x) in enumerate(zip(groups, xs, strict=True)):
             if self.mode == "choco":
@@ -358,7 +359,9 @@ class GossipState:
         frames = {
             peer: [_encode(g, x, 0) for g, x in zip(exact, xs, strict=True)] for peer in peers
         }
-        received = yield from exchange(frames, comm, "hvd_qpr.gossip.init", len(groups))
+        received = yield from exchange(
+            frames, comm, "hvd_qpr.gossip.init", len(groups), xs[0].device
+        )
         self.mine = {e: [x.clone() for x in xs] for e in edges}
         self.theirs = {
             peer: [_decode(g, f) for g, f in zip(exact, received[peer], strict=True)]
@@ -448,7 +451,13 @@ def _decode(group: GossipGroup, frame: torch.Tensor) -> torch.Tensor:
     return decode_frame(group.compressor, frame, group.numel)
 
 
-def exchange(frames: dict[int, list[torch.Tensor]], comm: Comm, name: str, count: int) -> Pipeline:
+def exchange(
+    frames: dict[int, list[torch.Tensor]],
+    comm: Comm,
+    name: str,
+    count: int,
+    device: torch.device | str = "cpu",
+) -> Pipeline:
     """Sends each neighbour its frames (one ``alltoall``: empty splits for everyone else) and
     returns what each neighbour sent, split into count frames. Exact (uncompressed) groups
     travel as their raw bytes, so they are framed here with their length."""
@@ -458,7 +467,7 @@ def exchange(frames: dict[int, list[torch.Tensor]], comm: Comm, name: str, count
         message = torch.cat([_length_prefixed(f) for f in frames[peer]])
         chunks.append(message)
         splits[peer] = message.numel()
-    data = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)
+    data = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8, device=device)
     pending = comm.alltoall(data, splits, name)
     yield pending
     received, sizes = comm.wait(pending)
@@ -476,7 +485,7 @@ def exchange(frames: dict[int, list[torch.Tensor]], comm: Comm, name: str, count
 
 
 def _length_prefixed(frame: torch.Tensor) -> torch.Tensor:
-    length = torch.tensor([frame.numel()], dtype=torch.int64)
+    length = torch.tensor([frame.numel()], dtype=torch.int64, device=frame.device)
     return torch.cat([length.view(torch.uint8), frame])
 
 
