@@ -178,7 +178,9 @@ def check_gossip_consensus_shrinks() -> None:
         curve = [hvd_qpr.consensus_distance(gathered(flat_params(model), f"{tag}.d0"))]
         for step in range(14):
             train_step(model, opt, step)
-            curve.append(hvd_qpr.consensus_distance(gathered(flat_params(model), f"{tag}.d{step}")))
+            curve.append(
+                hvd_qpr.consensus_distance(gathered(flat_params(model), f"{tag}.d{step + 1}"))
+            )
         spread[mode, bits] = curve
     for key in (("choco", 4), ("choco", 2)):
         curve = spread[key]
