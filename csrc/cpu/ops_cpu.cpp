@@ -17,6 +17,7 @@
 #include "cpu/kernel_table.h"
 #include "qpr/checks.h"
 #include "qpr/elias.h"
+#include "qpr/elias_header.h"
 #include "qpr/rng.h"
 
 namespace qpr {
@@ -260,11 +261,6 @@ int int_type_code(at::ScalarType dt, const char* op, const char* name) {
   }
 }
 
-void check_field_bits(int64_t field_bits, const char* op) {
-  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
-                    field_bits);
-}
-
 at::Tensor pack_bits_cpu(const at::Tensor& values_in, int64_t field_bits) {
   constexpr const char* op = "pack_bits";
   check_cpu(values_in, op, "values");
@@ -289,17 +285,8 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t field_bits, int6
                            at::ScalarType dtype) {
   constexpr const char* op = "unpack_bits";
   check_cpu(packed_in, op, "packed");
-  check_field_bits(field_bits, op);
-  check_dtype(packed_in, at::kByte, op, "packed");
   const int type = int_type_code(dtype, op, "dtype");
-  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be non-negative, got ", numel);
-  TORCH_CHECK_VALUE(packed_in.dim() == 1 && packed_in.numel() >= packed_bytes(numel, field_bits),
-                    op, ": packed must be a 1-D tensor of at least ",
-                    packed_bytes(numel, field_bits), " bytes for ", numel, " fields of ",
-                    field_bits, " bits, got shape ", packed_in.sizes());
-  const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
-  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ",
-                    dtype_name(dtype));
+  check_unpack(packed_in, field_bits, numel, dtype, op);
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   const UnpackJob job{packed.data_ptr<uint8_t>(), static_cast<int>(field_bits), type,
@@ -404,10 +391,7 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
 // A stream whose header, tables and padding have been checked; decode_stream checks the codes.
 struct ParsedStream {
   at::Tensor stream;  // contiguous
-  int bits, norm, dtype_code;
-  int64_t bucket_size, numel, nbuckets;
-  std::vector<int64_t> shape;
-  uint64_t scales_at, code_at, code_bytes, code_bits;
+  elias::StreamHeader h;
   std::vector<uint32_t> offsets;
 };
 
@@ -421,93 +405,37 @@ ParsedStream parse_stream(const at::Tensor& stream_in) {
   const uint8_t* s = stream.data_ptr<uint8_t>();
   const uint64_t length = static_cast<uint64_t>(stream.numel());
   const std::string bad = std::string(op) + ": malformed stream: ";
-
-  TORCH_CHECK_VALUE(length >= elias::kHeaderBytes, bad, "truncated header (", length,
-                    " bytes, need ", elias::kHeaderBytes, ")");
-  TORCH_CHECK_VALUE(std::memcmp(s, elias::kMagic, 4) == 0, bad,
-                    "wrong magic (not an hvd_qpr Elias stream)");
-  TORCH_CHECK_VALUE(s[4] == elias::kVersion, bad, "unsupported version ", int(s[4]));
-  const int bits = s[5];
-  const int norm = s[6];
-  const int dtype_code = s[7];
-  const int ndim = s[8];
-  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, bad, "bits ", bits, " outside 2..8");
-  TORCH_CHECK_VALUE(norm == elias::kNormMax || norm == elias::kNormL2, bad, "unknown norm code ",
-                    norm);
-  TORCH_CHECK_VALUE(dtype_code >= 0 && dtype_code <= 2, bad, "unknown dtype code ", dtype_code);
-  TORCH_CHECK_VALUE(ndim <= elias::kMaxDims, bad, "ndim ", ndim, " above ", elias::kMaxDims);
-  TORCH_CHECK_VALUE(s[9] == 0 && s[10] == 0 && s[11] == 0, bad, "reserved bytes are not zero");
-  const uint32_t bucket_size = get_le<uint32_t>(s + 12);
-  const uint64_t numel = get_le<uint64_t>(s + 16);
-  const uint64_t code_bits = get_le<uint64_t>(s + 24);
-  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, bad, "bucket_size ", bucket_size,
-                    " outside 1..2**31-1");
-  TORCH_CHECK_VALUE(code_bits <= elias::kMaxCodeBits, bad, "code length ", code_bits,
-                    " bits above the 2**32-1 limit");
-  TORCH_CHECK_VALUE(length >= static_cast<uint64_t>(elias::kHeaderBytes) + 8u * ndim, bad,
-                    "truncated shape");
-  std::vector<int64_t> shape(static_cast<size_t>(ndim));
-  uint64_t product = 1;
-  for (int i = 0; i < ndim; ++i) {
-    const int64_t dim = get_le<int64_t>(s + elias::kHeaderBytes + 8 * i);
-    TORCH_CHECK_VALUE(dim >= 0, bad, "negative dimension ", dim);
-    shape[i] = dim;
-    TORCH_CHECK_VALUE(!__builtin_mul_overflow(product, static_cast<uint64_t>(dim), &product), bad,
-                      "shape overflows");
-  }
-  TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ", numel);
-  // numel now fits the shape of a real tensor; the table sizes below follow from it.
-  const uint64_t nbuckets = (numel + bucket_size - 1) / bucket_size;
-  const uint64_t shape_at = elias::kHeaderBytes + 8u * ndim;
-  const uint64_t scales_at = shape_at;
-  const uint64_t offsets_at = scales_at + 4 * nbuckets;
-  const uint64_t code_at = offsets_at + 4 * nbuckets;
-  const uint64_t code_bytes = (code_bits + 7) / 8;
-  TORCH_CHECK_VALUE(nbuckets <= length && code_at + code_bytes == length, bad, "length ", length,
-                    " bytes, but the header describes ", code_at + code_bytes);
-  for (uint64_t b = 0; b < nbuckets; ++b) {
-    const float v = get_le<float>(s + scales_at + 4 * b);
+  elias::StreamHeader h = elias::parse_header(s, length);
+  for (int64_t b = 0; b < h.nbuckets; ++b) {
+    const float v = get_le<float>(s + h.scales_at + 4 * b);
     TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0f, bad, "scale of bucket ", b, " is ", v);
   }
-  std::vector<uint32_t> offsets(nbuckets);
-  for (uint64_t b = 0; b < nbuckets; ++b) {
-    offsets[b] = get_le<uint32_t>(s + offsets_at + 4 * b);
+  std::vector<uint32_t> offsets(static_cast<size_t>(h.nbuckets));
+  for (int64_t b = 0; b < h.nbuckets; ++b) {
+    offsets[b] = get_le<uint32_t>(s + h.offsets_at + 4 * b);
     TORCH_CHECK_VALUE(b > 0 || offsets[b] == 0, bad, "first bucket offset is ", offsets[b],
                       ", not 0");
     TORCH_CHECK_VALUE(b == 0 || offsets[b] >= offsets[b - 1], bad, "offset of bucket ", b,
                       " goes backwards");
-    TORCH_CHECK_VALUE(offsets[b] <= code_bits, bad, "offset of bucket ", b,
+    TORCH_CHECK_VALUE(offsets[b] <= h.code_bits, bad, "offset of bucket ", b,
                       " is past the end of the code");
   }
-  TORCH_CHECK_VALUE(code_bits % 8 == 0 || (s[length - 1] >> (code_bits % 8)) == 0, bad,
+  TORCH_CHECK_VALUE(h.code_bits % 8 == 0 || (s[length - 1] >> (h.code_bits % 8)) == 0, bad,
                     "padding bits after the code are not zero");
-
-  return ParsedStream{stream,
-                      bits,
-                      norm,
-                      dtype_code,
-                      bucket_size,
-                      static_cast<int64_t>(numel),
-                      static_cast<int64_t>(nbuckets),
-                      std::move(shape),
-                      scales_at,
-                      code_at,
-                      code_bytes,
-                      code_bits,
-                      std::move(offsets)};
+  return ParsedStream{stream, std::move(h), std::move(offsets)};
 }
 
 // Decodes the codes into packed and scales (sized for the stream by the caller); returns meta.
 at::Tensor decode_stream(const ParsedStream& ps, at::Tensor& packed, at::Tensor& scales) {
   const uint8_t* s = ps.stream.data_ptr<uint8_t>();
-  std::memcpy(scales.data_ptr<float>(), s + ps.scales_at, 4 * ps.nbuckets);
+  std::memcpy(scales.data_ptr<float>(), s + ps.h.scales_at, 4 * ps.h.nbuckets);
   const EliasDecodeJob job{
-      s + ps.code_at, ps.code_bytes,  ps.code_bits, ps.offsets.data(),
-      ps.numel,       ps.bucket_size, ps.bits,      packed.data_ptr<uint8_t>()};
+      s + ps.h.code_at, ps.h.code_bytes,  ps.h.code_bits, ps.offsets.data(),
+      ps.h.numel,       ps.h.bucket_size, ps.h.bits,      packed.data_ptr<uint8_t>()};
   const KernelTable& k = kernels();
   std::mutex mutex;
   EliasError first;
-  parallel_over_buckets(ps.nbuckets, ps.bucket_size, [&](int64_t b0, int64_t b1) {
+  parallel_over_buckets(ps.h.nbuckets, ps.h.bucket_size, [&](int64_t b0, int64_t b1) {
     const EliasError e = k.elias_decode(job, b0, b1);
     if (e.bucket < 0) return;
     std::lock_guard<std::mutex> lock(mutex);
@@ -515,23 +443,23 @@ at::Tensor decode_stream(const ParsedStream& ps, at::Tensor& packed, at::Tensor&
   });
   TORCH_CHECK_VALUE(first.bucket < 0, "elias_decode: malformed stream: bucket ", first.bucket, ": ",
                     first.what);
-  const int ndim = static_cast<int>(ps.shape.size());
+  const int ndim = static_cast<int>(ps.h.shape.size());
   at::Tensor meta = at::empty({5 + ndim}, ps.stream.options().dtype(at::kLong));
   int64_t* m = meta.data_ptr<int64_t>();
-  m[0] = ps.bits;
-  m[1] = ps.bucket_size;
-  m[2] = ps.norm;
-  m[3] = ps.dtype_code;
+  m[0] = ps.h.bits;
+  m[1] = ps.h.bucket_size;
+  m[2] = ps.h.norm;
+  m[3] = ps.h.dtype_code;
   m[4] = ndim;
-  for (int i = 0; i < ndim; ++i) m[5 + i] = ps.shape[i];
+  for (int i = 0; i < ndim; ++i) m[5 + i] = ps.h.shape[i];
   return meta;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cpu(const at::Tensor& stream) {
   const ParsedStream ps = parse_stream(stream);
   // Every byte of packed is written by the decoder, so it needs no zero fill.
-  at::Tensor packed = at::empty({packed_bytes(ps.numel, ps.bits)}, ps.stream.options());
-  at::Tensor scales = at::empty({ps.nbuckets}, ps.stream.options().dtype(at::kFloat));
+  at::Tensor packed = at::empty({packed_bytes(ps.h.numel, ps.h.bits)}, ps.stream.options());
+  at::Tensor scales = at::empty({ps.h.nbuckets}, ps.stream.options().dtype(at::kFloat));
   at::Tensor meta = decode_stream(ps, packed, scales);
   return {packed, scales, meta};
 }
@@ -541,7 +469,7 @@ at::Tensor elias_decode_out_cpu(const at::Tensor& stream, at::Tensor& packed, at
   const ParsedStream ps = parse_stream(stream);
   check_cpu(packed, op, "packed");
   check_cpu(scales, op, "scales");
-  check_quantized(packed, scales, ps.numel, ps.bits, ps.bucket_size, op);
+  check_quantized(packed, scales, ps.h.numel, ps.h.bits, ps.h.bucket_size, op);
   TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
                     ": the output tensors must be contiguous");
   return decode_stream(ps, packed, scales);

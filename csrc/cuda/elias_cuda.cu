@@ -26,6 +26,7 @@
 #include "qpr/checks.h"
 #include "qpr/dispatch.h"
 #include "qpr/elias.h"
+#include "qpr/elias_header.h"
 #include "qpr/qsgd.h"
 
 namespace qpr {
@@ -263,79 +264,11 @@ at::Tensor elias_encode_cuda(const at::Tensor& packed_in, const at::Tensor& scal
 
 // ---- decode -------------------------------------------------------------------------------------
 
-struct Header {
-  int bits, norm, dtype_code, ndim;
-  int64_t bucket_size, numel, nbuckets;
-  std::vector<int64_t> shape;
-  int64_t scales_at, offsets_at, code_at, code_bytes;
-  uint64_t code_bits;
-};
-
-template <typename T>
-T get_le(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
 // The header, read to the host (the output's sizes depend on it) and checked as the CPU does.
-Header read_header(const at::Tensor& stream) {
-  constexpr const char* op = "elias_decode";
-  const std::string bad = std::string(op) + ": malformed stream: ";
+elias::StreamHeader read_header(const at::Tensor& stream) {
   const int64_t length = stream.numel();
-  TORCH_CHECK_VALUE(length >= elias::kHeaderBytes, bad, "truncated header (", length,
-                    " bytes, need ", elias::kHeaderBytes, ")");
-  const int64_t head_bytes = std::min<int64_t>(length, elias::kHeaderBytes + 8 * elias::kMaxDims);
-  const at::Tensor head = stream.narrow(0, 0, head_bytes).cpu();
-  const uint8_t* s = head.data_ptr<uint8_t>();
-  TORCH_CHECK_VALUE(std::memcmp(s, elias::kMagic, 4) == 0, bad,
-                    "wrong magic (not an hvd_qpr Elias stream)");
-  TORCH_CHECK_VALUE(s[4] == elias::kVersion, bad, "unsupported version ", int(s[4]));
-  Header h;
-  h.bits = s[5];
-  h.norm = s[6];
-  h.dtype_code = s[7];
-  h.ndim = s[8];
-  TORCH_CHECK_VALUE(h.bits >= 2 && h.bits <= 8, bad, "bits ", h.bits, " outside 2..8");
-  TORCH_CHECK_VALUE(h.norm == elias::kNormMax || h.norm == elias::kNormL2, bad,
-                    "unknown norm code ", h.norm);
-  TORCH_CHECK_VALUE(h.dtype_code >= 0 && h.dtype_code <= 2, bad, "unknown dtype code ",
-                    h.dtype_code);
-  TORCH_CHECK_VALUE(h.ndim <= elias::kMaxDims, bad, "ndim ", h.ndim, " above ", elias::kMaxDims);
-  TORCH_CHECK_VALUE(s[9] == 0 && s[10] == 0 && s[11] == 0, bad, "reserved bytes are not zero");
-  const uint32_t bucket_size = get_le<uint32_t>(s + 12);
-  const uint64_t numel = get_le<uint64_t>(s + 16);
-  h.code_bits = get_le<uint64_t>(s + 24);
-  TORCH_CHECK_VALUE(bucket_size >= 1 && bucket_size <= INT32_MAX, bad, "bucket_size ", bucket_size,
-                    " outside 1..2**31-1");
-  TORCH_CHECK_VALUE(h.code_bits <= elias::kMaxCodeBits, bad, "code length ", h.code_bits,
-                    " bits above the 2**32-1 limit");
-  TORCH_CHECK_VALUE(length >= elias::kHeaderBytes + 8 * h.ndim, bad, "truncated shape");
-  uint64_t product = 1;
-  for (int i = 0; i < h.ndim; ++i) {
-    const int64_t dim = get_le<int64_t>(s + elias::kHeaderBytes + 8 * i);
-    TORCH_CHECK_VALUE(dim >= 0, bad, "negative dimension ", dim);
-    h.shape.push_back(dim);
-    TORCH_CHECK_VALUE(!__builtin_mul_overflow(product, static_cast<uint64_t>(dim), &product), bad,
-                      "shape overflows");
-  }
-  TORCH_CHECK_VALUE(product == numel, bad, "shape has ", product, " elements but numel is ", numel);
-  const uint64_t nbuckets = (numel + bucket_size - 1) / bucket_size;
-  const uint64_t scales_at = elias::kHeaderBytes + 8u * h.ndim;
-  const uint64_t code_at = scales_at + 8 * nbuckets;
-  const uint64_t code_bytes = (h.code_bits + 7) / 8;
-  TORCH_CHECK_VALUE(nbuckets <= static_cast<uint64_t>(length) &&
-                        code_at + code_bytes == static_cast<uint64_t>(length),
-                    bad, "length ", length, " bytes, but the header describes ",
-                    code_at + code_bytes);
-  h.bucket_size = bucket_size;
-  h.numel = static_cast<int64_t>(numel);
-  h.nbuckets = static_cast<int64_t>(nbuckets);
-  h.scales_at = static_cast<int64_t>(scales_at);
-  h.offsets_at = static_cast<int64_t>(scales_at + 4 * nbuckets);
-  h.code_at = static_cast<int64_t>(code_at);
-  h.code_bytes = static_cast<int64_t>(code_bytes);
-  return h;
+  const at::Tensor head = stream.narrow(0, 0, std::min(length, elias::kMaxHeadBytes)).cpu();
+  return elias::parse_header(head.data_ptr<uint8_t>(), static_cast<uint64_t>(length));
 }
 
 __device__ uint32_t read_u32(const uint8_t* p) {
@@ -417,7 +350,7 @@ __global__ void decode_kernel(const uint8_t* __restrict__ stream, int64_t scales
 
 // Checks the tables and decodes every bucket into packed and scales; raises on a malformed
 // stream (one read of the error word); returns the meta tensor, on the stream's device.
-at::Tensor decode_into(const at::Tensor& stream, const Header& h, at::Tensor& packed,
+at::Tensor decode_into(const at::Tensor& stream, const elias::StreamHeader& h, at::Tensor& packed,
                        at::Tensor& scales) {
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = stream.options();
@@ -441,7 +374,8 @@ at::Tensor decode_into(const at::Tensor& stream, const Header& h, at::Tensor& pa
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scales.view(at::kByte).copy_(stream.narrow(0, h.scales_at, 4 * h.nbuckets));
   }
-  std::vector<int64_t> meta = {h.bits, h.bucket_size, h.norm, h.dtype_code, h.ndim};
+  std::vector<int64_t> meta = {h.bits, h.bucket_size, h.norm, h.dtype_code,
+                               static_cast<int64_t>(h.shape.size())};
   meta.insert(meta.end(), h.shape.begin(), h.shape.end());
   return at::tensor(meta, at::TensorOptions().dtype(at::kLong)).to(stream.device());
 }
@@ -459,7 +393,7 @@ at::Tensor checked_stream(const at::Tensor& stream_in) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cuda(const at::Tensor& stream_in) {
   const c10::cuda::CUDAGuard guard(stream_in.device());
   const at::Tensor stream = checked_stream(stream_in);
-  const Header h = read_header(stream);
+  const elias::StreamHeader h = read_header(stream);
   at::Tensor packed = at::empty({packed_bytes(h.numel, h.bits)}, stream.options());
   at::Tensor scales = at::empty({h.nbuckets}, stream.options().dtype(at::kFloat));
   at::Tensor meta = decode_into(stream, h, packed, scales);
@@ -473,7 +407,7 @@ at::Tensor elias_decode_out_cuda(const at::Tensor& stream_in, at::Tensor& packed
   const at::Tensor stream = checked_stream(stream_in);
   TORCH_CHECK_VALUE(packed.device() == stream.device() && scales.device() == stream.device(), op,
                     ": packed and scales must be on the stream's device ", stream.device());
-  const Header h = read_header(stream);
+  const elias::StreamHeader h = read_header(stream);
   check_quantized(packed, scales, h.numel, h.bits, h.bucket_size, op);
   TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
                     ": the output tensors must be contiguous");

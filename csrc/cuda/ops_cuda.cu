@@ -394,8 +394,7 @@ void dispatch_int_type(at::ScalarType dt, const char* op, const char* name, F&& 
 at::Tensor pack_bits_cuda(const at::Tensor& values_in, int64_t field_bits) {
   constexpr const char* op = "pack_bits";
   check_cuda(values_in, op, "values");
-  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
-                    field_bits);
+  check_field_bits(field_bits, op);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous().reshape({-1});
   const int64_t numel = values.numel();
@@ -423,17 +422,7 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t field_bits, int
                             at::ScalarType dtype) {
   constexpr const char* op = "unpack_bits";
   check_cuda(packed_in, op, "packed");
-  check_dtype(packed_in, at::kByte, op, "packed");
-  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
-                    field_bits);
-  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be non-negative, got ", numel);
-  TORCH_CHECK_VALUE(packed_in.dim() == 1 && packed_in.numel() >= packed_bytes(numel, field_bits),
-                    op, ": packed must be a 1-D tensor of at least ",
-                    packed_bytes(numel, field_bits), " bytes for ", numel, " fields of ",
-                    field_bits, " bits, got shape ", packed_in.sizes());
-  const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
-  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ",
-                    dtype_name(dtype));
+  check_unpack(packed_in, field_bits, numel, dtype, op);
   const c10::cuda::CUDAGuard guard(packed_in.device());
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));

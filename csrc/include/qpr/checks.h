@@ -121,4 +121,24 @@ inline void check_quantized(const at::Tensor& packed, const at::Tensor& scales, 
                     " values (one per bucket), got shape ", scales.sizes());
 }
 
+inline void check_field_bits(int64_t field_bits, const char* op) {
+  TORCH_CHECK_VALUE(field_bits >= 1 && field_bits <= 16, op, ": field_bits must be in 1..16, got ",
+                    field_bits);
+}
+
+// unpack_bits' arguments: numel fields of field_bits bits in packed, read into dtype.
+inline void check_unpack(const at::Tensor& packed, int64_t field_bits, int64_t numel,
+                         at::ScalarType dtype, const char* op) {
+  check_field_bits(field_bits, op);
+  check_dtype(packed, at::kByte, op, "packed");
+  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be non-negative, got ", numel);
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.numel() >= packed_bytes(numel, field_bits), op,
+                    ": packed must be a 1-D tensor of at least ", packed_bytes(numel, field_bits),
+                    " bytes for ", numel, " fields of ", field_bits, " bits, got shape ",
+                    packed.sizes());
+  const int64_t widest = dtype == at::kByte ? 8 : dtype == at::kShort ? 15 : 16;
+  TORCH_CHECK_VALUE(field_bits <= widest, op, ": ", field_bits, "-bit fields do not fit ",
+                    dtype_name(dtype));
+}
+
 }  // namespace qpr
