@@ -103,8 +103,9 @@ __device__ float warp_bucket_scale(const typename E::T* __restrict__ x, int64_t 
   }
   max_bits = __reduce_max_sync(kFullMask, max_bits);
   const bool nonfinite = max_bits > 0x7F7FFFFFu;
-  if (NORM == kNormGiven) {
-    invalid = nonfinite || __uint_as_float(max_bits) > given;
+  if (NORM == kNormGiven) {  // a given scale must be finite, non-negative and cover the bucket
+    invalid = nonfinite || !(given >= 0.0f && given <= 3.402823466e38f) ||
+              __uint_as_float(max_bits) > given;
     return given;
   }
   float scale = __uint_as_float(max_bits);
