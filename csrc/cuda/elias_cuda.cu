@@ -95,30 +95,41 @@ __device__ uint32_t read_field(const uint8_t* packed, int64_t packed_bytes, int6
 
 // ---- encode -------------------------------------------------------------------------------------
 
+// Calls entry(gap, level) for each nonzero level of a bucket, in order (the previous index starts
+// at -1), and invalid() for each field no level encodes: the walk both encode passes share.
+template <int B, typename Entry, typename Invalid>
+__device__ void for_each_entry(const uint8_t* packed, int64_t packed_bytes, int64_t start,
+                               int64_t n, Entry&& entry, Invalid&& invalid) {
+  constexpr int S = QsgdLevels<B>::kS;
+  int64_t prev = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t f = read_field(packed, packed_bytes, start + i, B);
+    if (f == static_cast<uint32_t>(QsgdLevels<B>::kInvalidField)) invalid();
+    const int level = static_cast<int>(f) - S;
+    if (level == 0) continue;
+    entry(static_cast<uint32_t>(i - prev), level);
+    prev = i;
+  }
+}
+
 template <int B>
 __global__ void code_lengths_kernel(const uint8_t* __restrict__ packed, int64_t packed_bytes,
                                     int64_t numel, int64_t bucket_size, int64_t nbuckets,
                                     const float* __restrict__ scales, int64_t* __restrict__ lengths,
                                     int* __restrict__ flags) {
-  constexpr int S = QsgdLevels<B>::kS;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= nbuckets) return;
   const float scale = scales[b];
   if (!(scale >= 0.0f && scale <= 3.402823466e38f)) atomicOr(flags, 2);
   const int64_t start = b * bucket_size;
-  const int64_t n = min(bucket_size, numel - start);
   int64_t bits = 0;
-  int64_t prev = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t f = read_field(packed, packed_bytes, start + i, B);
-    if (f == static_cast<uint32_t>(QsgdLevels<B>::kInvalidField)) atomicOr(flags, 1);
-    const int level = static_cast<int>(f) - S;
-    if (level == 0) continue;
-    const int lg = elias::floor_log2(static_cast<uint32_t>(i - prev));
-    const int ll = elias::floor_log2(static_cast<uint32_t>(level < 0 ? -level : level));
-    bits += 2 * lg + 2 * ll + 3;
-    prev = i;
-  }
+  for_each_entry<B>(
+      packed, packed_bytes, start, min(bucket_size, numel - start),
+      [&](uint32_t gap, int level) {
+        const uint32_t magnitude = static_cast<uint32_t>(level < 0 ? -level : level);
+        bits += 2 * elias::floor_log2(gap) + 2 * elias::floor_log2(magnitude) + 3;
+      },
+      [&] { atomicOr(flags, 1); });
   lengths[b] = bits;
 }
 
@@ -157,23 +168,20 @@ __global__ void write_codes_kernel(const uint8_t* __restrict__ packed, int64_t p
                                    int64_t numel, int64_t bucket_size, int64_t nbuckets,
                                    const int64_t* __restrict__ offsets, uint32_t* __restrict__ code,
                                    uint8_t* __restrict__ offset_table) {
-  constexpr int S = QsgdLevels<B>::kS;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= nbuckets) return;
   const uint64_t at = static_cast<uint64_t>(offsets[b]);
   for (int k = 0; k < 4; ++k) offset_table[4 * b + k] = static_cast<uint8_t>(at >> (8 * k));
   WordWriter w{code, at / 32, 0, static_cast<int>(at % 32)};
   const int64_t start = b * bucket_size;
-  const int64_t n = min(bucket_size, numel - start);
-  int64_t prev = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const int level = static_cast<int>(read_field(packed, packed_bytes, start + i, B)) - S;
-    if (level == 0) continue;
-    w.gamma(static_cast<uint32_t>(i - prev));
-    w.put(level < 0 ? 1u : 0u, 1);
-    w.gamma(static_cast<uint32_t>(level < 0 ? -level : level));
-    prev = i;
-  }
+  for_each_entry<B>(
+      packed, packed_bytes, start, min(bucket_size, numel - start),
+      [&](uint32_t gap, int level) {
+        w.gamma(gap);
+        w.put(level < 0 ? 1u : 0u, 1);
+        w.gamma(static_cast<uint32_t>(level < 0 ? -level : level));
+      },
+      [] {});  // code_lengths_kernel has reported invalid fields before this runs
   w.flush();
 }
 

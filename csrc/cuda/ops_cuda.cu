@@ -40,6 +40,7 @@ constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kNormGiven = 2;  // as cpu::kNormGiven: scales are read, not computed
+static_assert(elias::kNormMax == 0 && elias::kNormL2 == 1, "norm codes are 0, 1, then given");
 
 struct F32 {
   using T = float;
@@ -253,36 +254,23 @@ void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int
     using T = typename E::T;
     const T* xp = reinterpret_cast<const T*>(x.data_ptr());
     const int64_t scale_blocks = blocks_for(nbuckets, kWarpsPerBlock);
+    // the norm code (max 0, l2 1, given 2) becomes a template parameter once, here
     if (fused) {
       dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-        auto launch = [&](auto kernel) {
-          kernel<<<scale_blocks, kThreads, 0, stream>>>(xp, numel, bucket_size, nbuckets,
-                                                        scales.data_ptr<float>(), key,
-                                                        packed.data_ptr<uint8_t>(), packed.numel());
+        dispatch_int<elias::kNormMax, kNormGiven>(static_cast<int>(norm), [&](auto nm) {
+          quantize_fused_kernel<b(), E, nm()><<<scale_blocks, kThreads, 0, stream>>>(
+              xp, numel, bucket_size, nbuckets, scales.data_ptr<float>(), key,
+              packed.data_ptr<uint8_t>(), packed.numel());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        if (norm == elias::kNormMax) {
-          launch(quantize_fused_kernel<b(), E, elias::kNormMax>);
-        } else if (norm == elias::kNormL2) {
-          launch(quantize_fused_kernel<b(), E, elias::kNormL2>);
-        } else {
-          launch(quantize_fused_kernel<b(), E, kNormGiven>);
-        }
+        });
       });
       return;
     }
-    auto scales_with = [&](auto kernel) {
-      kernel<<<scale_blocks, kThreads, 0, stream>>>(
+    dispatch_int<elias::kNormMax, kNormGiven>(static_cast<int>(norm), [&](auto nm) {
+      bucket_scales_kernel<E, nm()><<<scale_blocks, kThreads, 0, stream>>>(
           xp, numel, bucket_size, nbuckets, scales.data_ptr<float>(), poisoned.data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (norm == elias::kNormMax) {
-      scales_with(bucket_scales_kernel<E, elias::kNormMax>);
-    } else if (norm == elias::kNormL2) {
-      scales_with(bucket_scales_kernel<E, elias::kNormL2>);
-    } else {
-      scales_with(bucket_scales_kernel<E, kNormGiven>);
-    }
+    });
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
       quantize_pack_kernel<b(), E><<<blocks_for(words, kThreads), kThreads, 0, stream>>>(
           xp, numel, bucket_size, scales.data_ptr<float>(), poisoned.data_ptr<uint8_t>(), key,
