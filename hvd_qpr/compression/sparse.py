@@ -38,7 +38,7 @@ class SparseCompressor(OpaqueCompressor):
 
     def select(self, x: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 indices, float32 values) of the k entries to send."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement select(x, k, seed)")
 
     def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         flat = x.reshape(-1).to(torch.float32)
