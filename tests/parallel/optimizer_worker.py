@@ -27,6 +27,7 @@ from tests.parallel.worker_common import (  # noqa: E402
     SIZE,
     HandedToHorovod,
     check,
+    distributed_sgd,
     expect_error,
     report_and_exit,
     run,
@@ -257,9 +258,9 @@ def check_sparsifiers() -> None:
     ]
     for i, (comp, ef, k) in enumerate(runs):
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
             compression=comp,
             error_feedback=ef,
             local_steps=k,
@@ -272,9 +273,9 @@ def check_sparsifiers() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = make_net()
-        hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        distributed_sgd(
+            model,
+            lr=0.1,
             compression=C.efsign(),
         )
     check(any("error feedback" in str(w.message) for w in caught), "efsign alone did not warn")
@@ -355,9 +356,9 @@ def check_gtopk() -> None:
     ):
         # through the optimizer, on gradients and on model differences
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
             compression=comp,
             error_feedback=True,
             aggregation="gtopk",
@@ -398,9 +399,10 @@ def check_packed_sum_exact() -> None:
 def check_resume() -> None:
     def build():
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.2,
+            momentum=0.9,
             compression=hvd_qpr.Compression.qsgd(bits=3),
             local_steps=3,
             error_feedback=True,
@@ -431,9 +433,10 @@ def check_resume() -> None:
 
 def check_broadcast_optimizer_state() -> None:
     model = make_net()
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
+        momentum=0.9,
         compression=hvd_qpr.Compression.qsgd(bits=4),
         local_steps=2,
         error_feedback=True,
@@ -496,9 +499,9 @@ def check_payload_is_what_horovod_gets() -> None:
     ]
     for i, (comp, ef, mode, k) in enumerate(runs):
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
             compression=comp,
             error_feedback=ef,
             aggregation=mode,
@@ -527,9 +530,9 @@ def check_payload_is_what_horovod_gets() -> None:
 def check_buffers() -> None:
     torch.manual_seed(5)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.BatchNorm1d(32))
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
         local_steps=2,
         named_buffers=model.named_buffers(),
     )
@@ -555,9 +558,7 @@ def check_mismatches() -> None:
     def mismatched(**kwargs):
         def go():
             model = make_net()
-            opt = hvd_qpr.DistributedOptimizer(
-                torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), **kwargs
-            )
+            opt = distributed_sgd(model, lr=0.1, **kwargs)
             train_step(model, opt, 0)
 
         return go
@@ -582,9 +583,9 @@ def check_mismatches() -> None:
 
 def check_nan_model_difference() -> None:
     model = make_net()
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
         compression=hvd_qpr.Compression.qsgd(bits=4),
         local_steps=2,
     )
@@ -604,9 +605,9 @@ def check_nan_model_difference() -> None:
 def check_nan_gradients_pass_through() -> None:
     for comp in (hvd_qpr.Compression.none, hvd_qpr.Compression.qsgd(bits=4)):
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
             compression=comp,
         )
         opt.zero_grad()
@@ -631,9 +632,9 @@ def check_qsgd_refused_by_horovod() -> None:
     expect_error(lambda: train_step(model, opt, 0), ValueError, "hvd_qpr.DistributedOptimizer")
     # Horovod's own compressors are accepted by ours
     model = make_net()
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
         compression=hvd.Compression.fp16,
         local_steps=2,
     )

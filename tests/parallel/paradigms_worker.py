@@ -24,6 +24,7 @@ from tests.parallel.worker_common import (  # noqa: E402
     SIZE,
     HandedToHorovod,
     check,
+    distributed_sgd,
     expect_error,
     report_and_exit,
     run,
@@ -144,9 +145,10 @@ def check_gossip_complete_equals_ring_allreduce() -> None:
     results = []
     for kwargs in (dict(topology="complete"), dict()):
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
+            momentum=0.9,
             local_steps=2,
             **kwargs,
         )
@@ -166,9 +168,9 @@ def check_gossip_consensus_shrinks() -> None:
     spread: dict[tuple[str, int], list[float]] = {}
     for mode, bits in (("choco", 4), ("quantized-average", 4), ("choco", 2)):
         model = make_net(seed=100 + RANK)  # every rank starts elsewhere
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.0),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.0,
             compression=C.qsgd(bits=bits),
             topology="ring",
             gossip=mode,
@@ -198,9 +200,10 @@ def check_gossip_consensus_shrinks() -> None:
 
 def check_gossip_resume_and_bytes() -> None:
     def make(model):
-        return hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-            model.named_parameters(),
+        return distributed_sgd(
+            model,
+            lr=0.1,
+            momentum=0.9,
             compression=C.qsgd(bits=4, elias=True),
             topology="one-peer",
             min_compress_numel=64,
@@ -226,9 +229,7 @@ def check_gossip_mismatch_and_bad_input() -> None:
     def build(**kwargs):
         def go():
             model = make_net()
-            opt = hvd_qpr.DistributedOptimizer(
-                torch.optim.SGD(model.parameters(), lr=0.1), model.named_parameters(), **kwargs
-            )
+            opt = distributed_sgd(model, lr=0.1, **kwargs)
             train_step(model, opt, 0)
 
         return go
@@ -255,9 +256,10 @@ def check_gossip_mismatch_and_bad_input() -> None:
 
 def check_overlap_alpha_zero_is_local_sgd() -> None:
     model, alone = make_net(), make_net()
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
+        momentum=0.9,
         overlap=True,
         pullback=0.0,
         compression=C.qsgd(bits=4),
@@ -327,9 +329,9 @@ def check_overlap_with_every_aggregation() -> None:
     ]
     for comp, ef, mode in cases:
         model = make_net()
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.1,
             compression=comp,
             error_feedback=ef,
             aggregation=mode,
@@ -348,9 +350,10 @@ def check_overlap_with_every_aggregation() -> None:
 
 def check_overlap_resume_with_average_in_flight() -> None:
     def make(model):
-        return hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-            model.named_parameters(),
+        return distributed_sgd(
+            model,
+            lr=0.1,
+            momentum=0.9,
             compression=C.qsgd(bits=4),
             aggregation="scatter-gather",
             error_feedback=True,
@@ -379,9 +382,9 @@ def check_overlap_waits_less() -> None:
     for overlap in (False, True):
         torch.manual_seed(0)
         model = torch.nn.Linear(1500, 2000)
-        opt = hvd_qpr.DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.01),
-            model.named_parameters(),
+        opt = distributed_sgd(
+            model,
+            lr=0.01,
             local_steps=2,
             overlap=overlap,
         )
@@ -402,9 +405,9 @@ def check_overlap_waits_less() -> None:
 
 def check_overlap_nan_raises_everywhere() -> None:
     model = make_net()
-    opt = hvd_qpr.DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model.named_parameters(),
+    opt = distributed_sgd(
+        model,
+        lr=0.1,
         overlap=True,
         compression=C.qsgd(bits=4),
         min_compress_numel=64,

@@ -89,6 +89,17 @@ class HandedToHorovod:
         return self.wire + (SIZE - 1) / SIZE * float(table.sum())
 
 
+def distributed_sgd(model: torch.nn.Module, lr: float, momentum: float = 0.0, **kwargs):
+    """hvd_qpr.DistributedOptimizer around plain SGD over model's named parameters."""
+    import hvd_qpr
+
+    return hvd_qpr.DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
+        model.named_parameters(),
+        **kwargs,
+    )
+
+
 def report_and_exit() -> None:
     """Prints one PASS/FAIL line a check, shuts Horovod down, exits 1 if any check failed."""
     print(f"rank {RANK}/{SIZE}: ran {len(RESULTS)} checks")
