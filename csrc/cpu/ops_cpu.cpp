@@ -298,20 +298,6 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t field_bits, int6
 
 // ---- Elias stream ------------------------------------------------------------------------------
 
-template <typename T>
-void put_le(uint8_t* p, T v) {
-  std::memcpy(p, &v, sizeof(T));  // the stream is little-endian, as are all supported hosts
-}
-
-template <typename T>
-T get_le(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
-
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hvd_qpr streams are little-endian");
-
 at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scales_in,
                             at::IntArrayRef shape, int64_t bits, int64_t bucket_size, int64_t norm,
                             at::ScalarType dtype) {
@@ -358,27 +344,17 @@ at::Tensor elias_encode_cpu(const at::Tensor& packed_in, const at::Tensor& scale
                     " bits, more than a stream's 2**32-1; encode the tensor in parts");
 
   const int64_t ndim = static_cast<int64_t>(shape.size());
-  const int64_t shape_at = elias::kHeaderBytes;
-  const int64_t scales_at = shape_at + 8 * ndim;
+  const int64_t scales_at = elias::kHeaderBytes + 8 * ndim;
   const int64_t offsets_at = scales_at + 4 * nbuckets;
   const int64_t code_at = offsets_at + 4 * nbuckets;
   const int64_t length = code_at + static_cast<int64_t>((total + 7) / 8);
   at::Tensor out = at::empty({length}, packed.options());
   uint8_t* s = out.data_ptr<uint8_t>();
-  std::memset(s, 0, elias::kHeaderBytes);
-  std::memcpy(s, elias::kMagic, 4);
-  s[4] = elias::kVersion;
-  s[5] = static_cast<uint8_t>(bits);
-  s[6] = static_cast<uint8_t>(norm);
-  s[7] = static_cast<uint8_t>(dtype_code);
-  s[8] = static_cast<uint8_t>(ndim);
-  put_le<uint32_t>(s + 12, static_cast<uint32_t>(bucket_size));
-  put_le<uint64_t>(s + 16, static_cast<uint64_t>(numel));
-  put_le<uint64_t>(s + 24, total);
-  for (int64_t i = 0; i < ndim; ++i) put_le<int64_t>(s + shape_at + 8 * i, shape[i]);
+  elias::write_header(s, static_cast<int>(bits), static_cast<int>(norm), dtype_code, bucket_size,
+                      shape.data(), ndim, static_cast<uint64_t>(numel), total);
   std::memcpy(s + scales_at, scales.data_ptr<float>(), 4 * nbuckets);
   for (int64_t b = 0; b < nbuckets; ++b) {
-    put_le<uint32_t>(s + offsets_at + 4 * b, static_cast<uint32_t>(offsets[b]));
+    elias::store_le<uint32_t>(s + offsets_at + 4 * b, static_cast<uint32_t>(offsets[b]));
   }
   uint8_t* dst = s + code_at;
   std::memset(dst, 0, static_cast<size_t>(length - code_at));
@@ -407,12 +383,12 @@ ParsedStream parse_stream(const at::Tensor& stream_in) {
   const std::string bad = std::string(op) + ": malformed stream: ";
   elias::StreamHeader h = elias::parse_header(s, length);
   for (int64_t b = 0; b < h.nbuckets; ++b) {
-    const float v = get_le<float>(s + h.scales_at + 4 * b);
+    const float v = elias::load_le<float>(s + h.scales_at + 4 * b);
     TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0f, bad, "scale of bucket ", b, " is ", v);
   }
   std::vector<uint32_t> offsets(static_cast<size_t>(h.nbuckets));
   for (int64_t b = 0; b < h.nbuckets; ++b) {
-    offsets[b] = get_le<uint32_t>(s + h.offsets_at + 4 * b);
+    offsets[b] = elias::load_le<uint32_t>(s + h.offsets_at + 4 * b);
     TORCH_CHECK_VALUE(b > 0 || offsets[b] == 0, bad, "first bucket offset is ", offsets[b],
                       ", not 0");
     TORCH_CHECK_VALUE(b == 0 || offsets[b] >= offsets[b - 1], bad, "offset of bucket ", b,

@@ -1,8 +1,8 @@
-// The header of an Elias stream (layout: elias.h), read and checked on the host by the CPU and
-// the CUDA decoders alike, with the same ValueError messages.
+// The header of an Elias stream (layout: elias.h), written and read on the host by the CPU and
+// CUDA coders alike; parse_header raises the same ValueError messages for both.
 #pragma once
 
-#include <torch/types.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <cstring>
@@ -14,11 +14,34 @@
 namespace qpr {
 namespace elias {
 
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "hvd_qpr streams are little-endian");
+
 template <typename T>
 T load_le(const uint8_t* p) {
   T v;
-  std::memcpy(&v, p, sizeof(T));  // the stream is little-endian, as are all supported hosts
+  std::memcpy(&v, p, sizeof(T));
   return v;
+}
+
+template <typename T>
+void store_le(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+// Writes the fixed header and the shape: the first kHeaderBytes + 8 * ndim bytes of a stream.
+inline void write_header(uint8_t* s, int bits, int norm, int dtype_code, int64_t bucket_size,
+                         const int64_t* shape, int64_t ndim, uint64_t numel, uint64_t code_bits) {
+  std::memset(s, 0, kHeaderBytes);
+  std::memcpy(s, kMagic, 4);
+  s[4] = kVersion;
+  s[5] = static_cast<uint8_t>(bits);
+  s[6] = static_cast<uint8_t>(norm);
+  s[7] = static_cast<uint8_t>(dtype_code);
+  s[8] = static_cast<uint8_t>(ndim);
+  store_le<uint32_t>(s + 12, static_cast<uint32_t>(bucket_size));
+  store_le<uint64_t>(s + 16, numel);
+  store_le<uint64_t>(s + 24, code_bits);
+  for (int64_t i = 0; i < ndim; ++i) store_le<int64_t>(s + kHeaderBytes + 8 * i, shape[i]);
 }
 
 struct StreamHeader {
