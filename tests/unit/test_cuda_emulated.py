@@ -14,7 +14,6 @@ machine). tests/gpu/test_cuda_kernels.py runs the same comparisons on a real GPU
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from torch.utils.cpp_extension import include_paths, library_paths
 
 from hvd_qpr import ops
+from tests.sanitized_build import build_sanitized
 
 ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -32,38 +32,21 @@ INT_TYPES = {torch.uint8: "u8", torch.int16: "i16", torch.int32: "i32", torch.in
 
 @pytest.fixture(scope="module")
 def emulator_binary(tmp_path_factory) -> Path:
-    compiler = shutil.which("g++")
-    assert compiler, "g++ is needed to build the CUDA emulation"
-    binary = tmp_path_factory.mktemp("cuda_emu") / "cuda_emu_driver"
     torch_lib = library_paths()[0]
-    build = subprocess.run(
+    return build_sanitized(
+        [ROOT / "tests" / "native" / "cuda_emu_driver.cpp"],
+        tmp_path_factory.mktemp("cuda_emu") / "cuda_emu_driver",
         [
-            compiler,
-            "-std=c++17",
-            "-O1",
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer",
             "-Wall",
             "-Wextra",
             "-Werror",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-I{ROOT / 'csrc'}",
-            f"-I{ROOT / 'csrc' / 'include'}",
             *(f"-isystem{p}" for p in include_paths()),
-            str(ROOT / "tests" / "native" / "cuda_emu_driver.cpp"),
             f"-L{torch_lib}",
             "-lc10",
             f"-Wl,-rpath,{torch_lib}",
-            "-o",
-            str(binary),
         ],
-        capture_output=True,
-        text=True,
     )
-    assert build.returncode == 0, build.stderr
-    return binary
 
 
 class Batch:

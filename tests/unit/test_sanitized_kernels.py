@@ -4,42 +4,22 @@ undefined behaviour, fails the run (tests/native/fuzz_elias.cpp)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.sanitized_build import build_sanitized
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(600)
 def test_elias_kernels_are_memory_safe(tmp_path):
-    compiler = shutil.which("g++")
-    assert compiler, "g++ is needed to build the sanitized fuzzer"
-    binary = tmp_path / "fuzz_elias"
     sources = [ROOT / "tests" / "native" / "fuzz_elias.cpp"] + sorted(
         (ROOT / "csrc" / "cpu").glob("kernels_*.cpp")
     )
-    build = subprocess.run(
-        [
-            compiler,
-            "-std=c++17",
-            "-O1",
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer",
-            f"-I{ROOT / 'csrc'}",
-            f"-I{ROOT / 'csrc' / 'include'}",
-            *map(str, sources),
-            "-o",
-            str(binary),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr
+    binary = build_sanitized(sources, tmp_path / "fuzz_elias")
     done = subprocess.run([str(binary), "20000", "7"], capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
