@@ -142,9 +142,11 @@ void dequantize_out_cuda(const at::Tensor& packed_in, const at::Tensor& scales_i
   dispatch_elem(elem_code(out.scalar_type(), op), [&](auto elem) {
     using E = decltype(elem);
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      dequantize_kernel<b(), E><<<blocks_for(numel, kThreads), kThreads, 0, stream>>>(
+      const int64_t groups = (numel + kDequantizeGroup - 1) / kDequantizeGroup;
+      dequantize_kernel<b(), E><<<blocks_for(groups, kThreads), kThreads, 0, stream>>>(
           packed.data_ptr<uint8_t>(), packed.numel(), scales.data_ptr<float>(), numel, bucket_size,
-          reinterpret_cast<typename E::T*>(out.data_ptr()));
+          reinterpret_cast<typename E::T*>(out.data_ptr()),
+          dequantize_vector_stores(out.data_ptr()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

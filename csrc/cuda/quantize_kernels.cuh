@@ -14,6 +14,9 @@
 // Errors that depend on the data are recorded on the device instead of raised: a bucket holding
 // NaN or Inf, or whose l2 norm overflows float32, gets a NaN scale; a value above its given scale
 // makes that bucket's fields invalid (the all-ones field); dequantize writes NaN for such a field.
+//
+// Dequantize: one thread per 8 values, whose fields are B whole bytes of the packed stream; one
+// bucket division a thread, and 16-byte vector stores when the output is aligned.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -41,16 +44,19 @@ struct F32 {
   using T = float;
   __device__ static float load(const T* x, int64_t i) { return x[i]; }
   __device__ static T store(float v) { return v; }
+  __device__ static uint32_t bits(T v) { return __float_as_uint(v); }
 };
 struct F16 {
   using T = __half;
   __device__ static float load(const T* x, int64_t i) { return __half2float(x[i]); }
   __device__ static T store(float v) { return __float2half_rn(v); }
+  __device__ static uint32_t bits(T v) { return __half_as_ushort(v); }
 };
 struct BF16 {
   using T = __nv_bfloat16;
   __device__ static float load(const T* x, int64_t i) { return __bfloat162float(x[i]); }
   __device__ static T store(float v) { return __float2bfloat16_rn(v); }
+  __device__ static uint32_t bits(T v) { return __bfloat16_as_ushort(v); }
 };
 
 // Blocks of per_block work items covering work (at least one block, so a launch is valid).
@@ -76,14 +82,24 @@ __device__ float warp_bucket_scale(const typename E::T* __restrict__ x, int64_t 
   const int lane = threadIdx.x % 32;
   uint32_t max_bits = 0;
   double acc = 0.0;
-  for (int64_t i = lane; i < n; i += 32) {
-    const float v = E::load(x, start + i);
+  auto take = [&](float v) {
     max_bits = max(max_bits, __float_as_uint(v) & 0x7FFFFFFFu);
     if (NORM == elias::kNormL2) {
       const double d = static_cast<double>(v);
       acc += d * d;  // exact: a float's square fits a double, so a fused multiply-add agrees
     }
+  };
+  // Four loads in flight a lane before any is used (a bucket is read once from DRAM, so the
+  // loads' latency is what bounds this loop); the sum still runs in the CPU's order.
+  int64_t i = lane;
+  for (; i + 3 * 32 < n; i += 4 * 32) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = E::load(x, start + i + 32 * u);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) take(v[u]);
   }
+  for (; i < n; i += 32) take(E::load(x, start + i));
   max_bits = __reduce_max_sync(kFullMask, max_bits);
   const bool nonfinite = max_bits > 0x7F7FFFFFu;
   if (NORM == kNormGiven) {  // a given scale must be finite, non-negative and cover the bucket
@@ -207,24 +223,75 @@ __global__ void quantize_pack_kernel(const typename E::T* __restrict__ x, int64_
   }
 }
 
-// ---- dequantize: one thread per value -----------------------------------------------------------
+// ---- dequantize: one thread per 8 values --------------------------------------------------------
+
+// Values a dequantize thread writes: their 8 fields are exactly B whole bytes of the stream.
+constexpr int kDequantizeGroup = 8;
+
+// Stores 8 consecutive values as 16-byte vector stores (out + e 16-byte aligned), or one by one.
+template <typename E>
+__device__ void store_group(typename E::T* __restrict__ out, const float (&v)[kDequantizeGroup],
+                            int count, bool vector) {
+  using T = typename E::T;
+  if (vector && count == kDequantizeGroup) {
+    constexpr int kWords = kDequantizeGroup * sizeof(T) / 4;
+    uint32_t w[kWords];
+#pragma unroll
+    for (int k = 0; k < kWords; ++k) {
+      if constexpr (sizeof(T) == 4) {
+        w[k] = E::bits(E::store(v[k]));
+      } else {
+        w[k] = E::bits(E::store(v[2 * k])) | E::bits(E::store(v[2 * k + 1])) << 16;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kWords; k += 4) {
+      *reinterpret_cast<uint4*>(reinterpret_cast<uint32_t*>(out) + k) =
+          make_uint4(w[k], w[k + 1], w[k + 2], w[k + 3]);
+    }
+    return;
+  }
+  for (int j = 0; j < count; ++j) out[j] = E::store(v[j]);
+}
 
 template <int B, typename E>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ packed, int64_t packed_bytes,
                                   const float* __restrict__ scales, int64_t numel,
-                                  int64_t bucket_size, typename E::T* __restrict__ out) {
+                                  int64_t bucket_size, typename E::T* __restrict__ out,
+                                  bool vector_stores) {
   constexpr int S = QsgdLevels<B>::kS;
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= numel) return;
-  const int64_t bit = e * B;
-  const int64_t byte = bit / 8;
-  uint32_t v = packed[byte];
-  if (byte + 1 < packed_bytes) v |= static_cast<uint32_t>(packed[byte + 1]) << 8;
-  const uint32_t field = (v >> (bit % 8)) & ((1u << B) - 1u);
-  const float step = qsgd_step(scales[e / bucket_size], S);
-  const float level = static_cast<float>(static_cast<int>(field) - S);
-  out[e] =
-      E::store(field == QsgdLevels<B>::kInvalidField ? __int_as_float(0x7FC00000) : level * step);
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t e0 = group * kDequantizeGroup;
+  if (e0 >= numel) return;
+  uint64_t fields = 0;
+  const int64_t byte0 = group * B;
+#pragma unroll
+  for (int k = 0; k < B; ++k) {
+    if (byte0 + k < packed_bytes) fields |= static_cast<uint64_t>(packed[byte0 + k]) << (8 * k);
+  }
+  const int count = static_cast<int>(min(static_cast<int64_t>(kDequantizeGroup), numel - e0));
+  // one division a thread: the bucket advances by at most one a value
+  int64_t bucket = e0 / bucket_size;
+  int64_t bucket_end = (bucket + 1) * bucket_size;
+  float step = qsgd_step(scales[bucket], S);
+  float v[kDequantizeGroup];
+#pragma unroll
+  for (int j = 0; j < kDequantizeGroup; ++j) {
+    if (j < count && e0 + j == bucket_end) {
+      ++bucket;
+      bucket_end += bucket_size;
+      step = qsgd_step(scales[bucket], S);
+    }
+    const uint32_t field = static_cast<uint32_t>(fields >> (j * B)) & ((1u << B) - 1u);
+    const float level = static_cast<float>(static_cast<int>(field) - S);
+    v[j] = field == QsgdLevels<B>::kInvalidField ? __int_as_float(0x7FC00000) : level * step;
+  }
+  store_group<E>(out + e0, v, count, vector_stores);
+}
+
+// Whether dequantize can store whole groups as 16-byte vectors: an aligned output.
+inline bool dequantize_vector_stores(const void* out) {
+  return reinterpret_cast<uintptr_t>(out) % 16 == 0;
 }
 
 }  // namespace cuda

@@ -315,12 +315,22 @@ inline float __uint_as_float(unsigned u) {
 }
 inline float __int_as_float(int i) { return __uint_as_float(static_cast<unsigned>(i)); }
 
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  return uint4{x, y, z, w};
+}
+
 struct __half {
   uint16_t bits;
 };
 struct __nv_bfloat16 {
   uint16_t bits;
 };
+
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
 inline float __half2float(__half h) {
   const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;

@@ -7,13 +7,14 @@
 // prints one line: "ok", or "error: MESSAGE" for what the CUDA op raises (a malformed stream, an
 // invalid field). Jobs, with files of raw little-endian values:
 //   quantize DTYPE BITS BUCKET NORM SEED NUMEL MISALIGN X PACKED SCALES   (NORM 2: SCALES is read)
-//   dequantize DTYPE BITS BUCKET NUMEL PACKED SCALES OUT
+//   dequantize DTYPE BITS BUCKET NUMEL MISALIGN PACKED SCALES OUT
 //   pack ITYPE FIELD_BITS NUMEL VALUES OUT
 //   unpack ITYPE FIELD_BITS NUMEL PACKED OUT
 //   encode BITS BUCKET NORM DTYPE SHAPE PACKED SCALES OUT        (SHAPE: 3x5x7, or - for a scalar)
 //   decode STREAM PACKED SCALES
-// DTYPE is f32, f16 or bf16; ITYPE u8, i16, i32 or i64; MISALIGN 1 hands quantize a packed buffer
-// that is not 4-byte aligned (the CUDA op then takes the two-kernel path).
+// DTYPE is f32, f16 or bf16; ITYPE u8, i16, i32 or i64. MISALIGN 1 hands quantize a packed buffer
+// that is not 4-byte aligned (the CUDA op then takes the two-kernel path), and dequantize an output
+// one element past a 16-byte boundary (no vector stores).
 // clang-format off
 #include "cuda_emu.h"  // must come first: it defines what the kernel headers take from CUDA
 // clang-format on
@@ -142,25 +143,30 @@ void quantize(std::istream& args) {
 // As dequantize_out_cuda.
 void dequantize(std::istream& args) {
   std::string dtype, packed_path, scales_path, out_path;
-  int64_t bits, bucket_size, numel;
-  args >> dtype >> bits >> bucket_size >> numel >> packed_path >> scales_path >> out_path;
+  int64_t bits, bucket_size, numel, misalign;
+  args >> dtype >> bits >> bucket_size >> numel >> misalign >> packed_path >> scales_path >>
+      out_path;
   const int64_t nbuckets = (numel + bucket_size - 1) / bucket_size;
   const std::vector<uint8_t> packed = read_file(packed_path, packed_bytes(numel, bits));
   const std::vector<uint8_t> scale_bytes = read_file(scales_path, 4 * nbuckets);
   std::vector<float> scales(static_cast<size_t>(nbuckets));
   std::memcpy(scales.data(), scale_bytes.data(), scale_bytes.size());
-  std::vector<uint8_t> out(numel * elem_size(dtype));
+  const size_t size = elem_size(dtype);
+  std::vector<uint8_t> buffer((numel + misalign) * size);
+  uint8_t* out = buffer.data() + misalign * size;
+  const int64_t groups = (numel + qpr::cuda::kDequantizeGroup - 1) / qpr::cuda::kDequantizeGroup;
   dispatch_elem(dtype, [&](auto elem) {
     using E = decltype(elem);
-    auto* op = reinterpret_cast<typename E::T*>(out.data());
+    auto* op = reinterpret_cast<typename E::T*>(out);
+    const bool vector = qpr::cuda::dequantize_vector_stores(op);
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      emu::launch(blocks_for(numel, kThreads), kThreads, [&] {
+      emu::launch(blocks_for(groups, kThreads), kThreads, [&] {
         qpr::cuda::dequantize_kernel<b(), E>(packed.data(), static_cast<int64_t>(packed.size()),
-                                             scales.data(), numel, bucket_size, op);
+                                             scales.data(), numel, bucket_size, op, vector);
       });
     });
   });
-  write_file(out_path, out.data(), out.size());
+  write_file(out_path, out, numel * size);
 }
 
 // As pack_bits_cuda and unpack_bits_cuda.
