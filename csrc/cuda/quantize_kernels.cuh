@@ -200,12 +200,15 @@ __global__ void quantize_pack_kernel(const typename E::T* __restrict__ x, int64_
   const int64_t e0 = first_bit / B;
   const int64_t e1 = min(numel, (first_bit + 32 + B - 1) / B);  // past the last overlapping field
   uint64_t bits = 0;                                            // the stream from bit e0 * B on
-  int64_t bucket = -1;
-  float divisor = 1.0f;
-  bool invalid = false;
+  // one division a thread: the bucket advances by at most one a value
+  int64_t bucket = e0 / bucket_size;
+  int64_t bucket_end = (bucket + 1) * bucket_size;
+  float divisor = qsgd_divisor(scales[bucket]);
+  bool invalid = poisoned[bucket] != 0;
   for (int64_t e = e0; e < e1; ++e) {
-    if (e / bucket_size != bucket) {
-      bucket = e / bucket_size;
+    if (e == bucket_end) {
+      ++bucket;
+      bucket_end += bucket_size;
       divisor = qsgd_divisor(scales[bucket]);
       invalid = poisoned[bucket] != 0;
     }
