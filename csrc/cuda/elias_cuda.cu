@@ -21,6 +21,7 @@
 
 #include "cuda/bitpack.cuh"
 #include "cuda/elias_kernels.cuh"
+#include "cuda/launch.cuh"
 #include "qpr/checks.h"
 #include "qpr/dispatch.h"
 #include "qpr/elias.h"
@@ -29,10 +30,6 @@
 namespace qpr {
 namespace cuda {
 namespace {
-
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t work) { return std::max<int64_t>(1, (work + kThreads - 1) / kThreads); }
 
 using namespace elias_kernels;  // the kernels and the kinds of malformed buckets
 
@@ -62,7 +59,7 @@ at::Tensor elias_encode_cuda(const at::Tensor& packed_in, const at::Tensor& scal
   at::Tensor flags = at::zeros({1}, opts.dtype(at::kInt));
   if (nbuckets > 0) {
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      code_lengths_kernel<b()><<<blocks_for(nbuckets), kThreads, 0, stream>>>(
+      code_lengths_kernel<b()><<<blocks_for(nbuckets, kThreads), kThreads, 0, stream>>>(
           packed.data_ptr<uint8_t>(), packed.numel(), numel, bucket_size, nbuckets,
           scales.data_ptr<float>(), lengths.data_ptr<int64_t>(), flags.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -97,7 +94,7 @@ at::Tensor elias_encode_cuda(const at::Tensor& packed_in, const at::Tensor& scal
   if (nbuckets > 0) {
     out.narrow(0, scales_at, 4 * nbuckets).copy_(scales.view(at::kByte));
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      write_codes_kernel<b()><<<blocks_for(nbuckets), kThreads, 0, stream>>>(
+      write_codes_kernel<b()><<<blocks_for(nbuckets, kThreads), kThreads, 0, stream>>>(
           packed.data_ptr<uint8_t>(), packed.numel(), numel, bucket_size, nbuckets,
           offsets.data_ptr<int64_t>(),
           reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>() + code_at),
@@ -127,7 +124,7 @@ at::Tensor decode_into(const at::Tensor& stream, const elias::StreamHeader& h, a
   at::Tensor error = at::full({1}, -1, opts.dtype(at::kLong));  // all ones: no error yet
   if (h.nbuckets > 0) {
     dispatch_int<2, 8>(h.bits, [&](auto b) {
-      decode_kernel<b()><<<blocks_for(h.nbuckets), kThreads, 0, cuda_stream>>>(
+      decode_kernel<b()><<<blocks_for(h.nbuckets, kThreads), kThreads, 0, cuda_stream>>>(
           stream.data_ptr<uint8_t>(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
           h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data_ptr<uint8_t>(),
           reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>()));
@@ -138,8 +135,10 @@ at::Tensor decode_into(const at::Tensor& stream, const elias::StreamHeader& h, a
   TORCH_CHECK_VALUE(first == ~uint64_t{0}, "elias_decode: malformed stream: bucket ",
                     first / kNumKinds, ": ", malformed_text(first % kNumKinds));
   if (h.numel > 0) {
-    bitpack::pack_kernel<uint8_t><<<blocks_for(packed.numel()), kThreads, 0, cuda_stream>>>(
-        fields.data_ptr<uint8_t>(), h.numel, h.bits, packed.data_ptr<uint8_t>(), packed.numel());
+    bitpack::pack_kernel<uint8_t>
+        <<<blocks_for(packed.numel(), kThreads), kThreads, 0, cuda_stream>>>(
+            fields.data_ptr<uint8_t>(), h.numel, h.bits, packed.data_ptr<uint8_t>(),
+            packed.numel());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scales.view(at::kByte).copy_(stream.narrow(0, h.scales_at, 4 * h.nbuckets));
   }

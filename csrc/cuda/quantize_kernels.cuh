@@ -24,9 +24,9 @@
 #include <cuda_fp16.h>
 #endif
 
-#include <algorithm>
 #include <cstdint>
 
+#include "cuda/launch.cuh"
 #include "qpr/elias.h"
 #include "qpr/qsgd.h"
 #include "qpr/rng.h"
@@ -35,8 +35,6 @@ namespace qpr {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int kNormGiven = 2;  // as cpu::kNormGiven: scales are read, not computed
 static_assert(elias::kNormMax == 0 && elias::kNormL2 == 1, "norm codes are 0, 1, then given");
 
@@ -58,11 +56,6 @@ struct BF16 {
   __device__ static T store(float v) { return __float2bfloat16_rn(v); }
   __device__ static uint32_t bits(T v) { return __bfloat16_as_ushort(v); }
 };
-
-// Blocks of per_block work items covering work (at least one block, so a launch is valid).
-inline int64_t blocks_for(int64_t work, int64_t per_block) {
-  return std::max<int64_t>(1, (work + per_block - 1) / per_block);
-}
 
 // Whether quantize takes the fused one-warp-a-bucket kernel: buckets that fill whole 32-bit words,
 // written into a word-aligned buffer.

@@ -26,6 +26,7 @@
 
 #include "cuda/bitpack.cuh"
 #include "cuda/elias_kernels.cuh"
+#include "cuda/launch.cuh"
 #include "cuda/quantize_kernels.cuh"
 #include "qpr/dispatch.h"
 #include "qpr/elias_header.h"
