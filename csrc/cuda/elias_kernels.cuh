@@ -162,9 +162,20 @@ __global__ void write_codes_kernel(const uint8_t* __restrict__ packed, int64_t p
   for_each_entry<B>(
       packed, packed_bytes, start, min(bucket_size, numel - start),
       [&](uint32_t gap, int level) {
+        const uint32_t magnitude = static_cast<uint32_t>(level < 0 ? -level : level);
+        const int lg = elias::floor_log2(gap);
+        const int ll = elias::floor_log2(magnitude);
+        const int length = 2 * lg + 2 * ll + 3;
+        if (length <= 32) {  // the usual entry (gaps below 2^13 at 8 bits): one append
+          w.put(static_cast<uint32_t>(elias::gamma_code(gap, lg) |
+                                      static_cast<uint64_t>(level < 0) << (2 * lg + 1) |
+                                      elias::gamma_code(magnitude, ll) << (2 * lg + 2)),
+                length);
+          return;
+        }
         w.gamma(gap);
         w.put(level < 0 ? 1u : 0u, 1);
-        w.gamma(static_cast<uint32_t>(level < 0 ? -level : level));
+        w.gamma(magnitude);
       },
       [] {});  // code_lengths_kernel has reported invalid fields before this runs
   w.flush();
@@ -179,23 +190,30 @@ __device__ inline uint32_t read_u32(const uint8_t* p) {
 
 __device__ inline float get_scale(const uint8_t* p) { return __uint_as_float(read_u32(p)); }
 
-// Up to 32 bits of the code from bit p, LSB-first; bytes past the code read as zero.
+// At least 57 bits of the code from bit p, LSB-first, in the low bits; bytes past the code read as
+// zero.
 __device__ inline uint64_t peek(const uint8_t* code, uint64_t code_bytes, uint64_t p) {
   uint64_t w = 0;
   const uint64_t byte = p >> 3;
-  for (int k = 0; k < 5 && byte + k < code_bytes; ++k) {
-    w |= static_cast<uint64_t>(code[byte + k]) << (8 * k);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (byte + k < code_bytes) w |= static_cast<uint64_t>(code[byte + k]) << (8 * k);
   }
-  return (w >> (p & 7)) & 0xFFFFFFFFull;
+  return w >> (p & 7);
 }
 
-// A gamma code at p that must end by `end`, with floor(log2 v) <= max_log2.
+__device__ inline int trailing_zeros(uint64_t w) {
+  return w == 0 ? 64 : __ffsll(static_cast<long long>(w)) - 1;
+}
+
+// A gamma code at p that must end by `end`, with floor(log2 v) <= max_log2 (at most 30).
 __device__ inline bool read_gamma(const uint8_t* code, uint64_t code_bytes, uint64_t& p,
                                   uint64_t end, int max_log2, uint32_t& v) {
-  int l = 0;
-  while (p + l < end && l <= max_log2 && !(peek(code, code_bytes, p + l) & 1u)) ++l;
+  const uint64_t w = peek(code, code_bytes, p);
+  const int l = trailing_zeros(w);
   if (l > max_log2 || p + 2 * static_cast<uint64_t>(l) + 1 > end) return false;
-  const uint64_t low = l == 0 ? 0 : peek(code, code_bytes, p + l + 1) & ((uint64_t{1} << l) - 1);
+  const uint64_t mask = (uint64_t{1} << l) - 1;
+  const uint64_t low = l <= 28 ? (w >> (l + 1)) & mask : peek(code, code_bytes, p + l + 1) & mask;
   v = static_cast<uint32_t>((uint64_t{1} << l) | low);
   p += 2 * static_cast<uint64_t>(l) + 1;
   return true;
@@ -231,15 +249,33 @@ __global__ void decode_kernel(const uint8_t* __restrict__ stream, int64_t scales
   uint64_t p = p0;
   int64_t index = -1;
   while (p < stop) {
-    uint32_t gap, magnitude;
-    if (!read_gamma(code, code_bytes, p, stop, max_log2_gap, gap)) {
-      return report(error, b, kGapCode);
-    }
-    if (p >= stop) return report(error, b, kPastBucketEnd);
-    const uint32_t negative = static_cast<uint32_t>(peek(code, code_bytes, p) & 1u);
-    p += 1;
-    if (!read_gamma(code, code_bytes, p, stop, kMaxLog2Level, magnitude)) {
-      return report(error, b, kLevelCode);
+    uint32_t gap, magnitude, negative;
+    const uint64_t w = peek(code, code_bytes, p);
+    const int lg = trailing_zeros(w);
+    if (lg <= 21 && lg <= max_log2_gap) {
+      // The whole entry is in w: a gap code of at most 43 bits leaves at least 13, enough for
+      // the sign and any level code. The checks are read_gamma's, in the same order.
+      if (p + 2 * lg + 1 > stop) return report(error, b, kGapCode);
+      gap = static_cast<uint32_t>((uint64_t{1} << lg) | ((w >> (lg + 1)) & ((1u << lg) - 1)));
+      p += 2 * lg + 1;
+      if (p >= stop) return report(error, b, kPastBucketEnd);
+      negative = static_cast<uint32_t>(w >> (2 * lg + 1)) & 1u;
+      p += 1;
+      const uint64_t rest = w >> (2 * lg + 2);
+      const int ll = trailing_zeros(rest);
+      if (ll > kMaxLog2Level || p + 2 * ll + 1 > stop) return report(error, b, kLevelCode);
+      magnitude = (1u << ll) | (static_cast<uint32_t>(rest >> (ll + 1)) & ((1u << ll) - 1));
+      p += 2 * ll + 1;
+    } else {
+      if (!read_gamma(code, code_bytes, p, stop, max_log2_gap, gap)) {
+        return report(error, b, kGapCode);
+      }
+      if (p >= stop) return report(error, b, kPastBucketEnd);
+      negative = static_cast<uint32_t>(peek(code, code_bytes, p) & 1u);
+      p += 1;
+      if (!read_gamma(code, code_bytes, p, stop, kMaxLog2Level, magnitude)) {
+        return report(error, b, kLevelCode);
+      }
     }
     if (magnitude > static_cast<uint32_t>(S)) return report(error, b, kLevelTooLarge);
     index += gap;

@@ -315,6 +315,8 @@ inline float __uint_as_float(unsigned u) {
 }
 inline float __int_as_float(int i) { return __uint_as_float(static_cast<unsigned>(i)); }
 
+inline int __ffsll(long long v) { return __builtin_ffsll(v); }
+
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };

@@ -224,6 +224,17 @@ def test_elias_streams_are_identical_and_decode_across_devices(batch):
                     batch.put(q.packed), batch.put(q.scales), f"OUT/e{i}",
                 )  # fmt: skip
                 batch.add("decode", batch.put(cpu_stream), f"OUT/p{i}", f"OUT/s{i}")
+    # A gap of 2^22 or more (a code too long for one 57-bit read): spikes among values that
+    # quantize to level 0.
+    n, bucket = 2**22 + 2**20 + 77, 2**22 + 2**20
+    x = fresh(n, torch.float32, 5) * 1e-12
+    x[torch.tensor([3, 1000, n - 5, n - 1])] = torch.tensor([2.0, -1.0, -3.0, 1.5])
+    q = ops.quantize(x, 8, bucket, seed=9)  # the gap of 2^22 leads to the longest level code
+    cases.append((q, ops.elias_encode(q)))
+    i = len(cases) - 1
+    batch.add("encode", 8, bucket, 0, "f32", str(n), batch.put(q.packed), batch.put(q.scales),
+              f"OUT/e{i}")  # fmt: skip
+    batch.add("decode", batch.put(cases[-1][1]), f"OUT/p{i}", f"OUT/s{i}")
     assert set(batch.run()) == {"ok"}
     for i, (q, cpu_stream) in enumerate(cases):
         emulated = batch.out(f"e{i}", torch.uint8)
