@@ -61,6 +61,16 @@ def test_dequantize_is_bit_identical_to_the_cpu(n, dtype):
         assert torch.equal(gpu.cpu(), cpu), bits
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_into_an_unaligned_output_matches_the_cpu(dtype):
+    """An output one element past a 16-byte boundary takes the kernel's scalar stores."""
+    x = fresh(4099, torch.float32, 13)
+    q = ops.quantize(x, 4, 37, seed=2)
+    storage = torch.empty(4100, dtype=dtype, device="cuda")
+    out = ops.dequantize(_to_cuda(q), out=storage[1:])
+    assert torch.equal(out.cpu(), ops.dequantize(q, dtype))
+
+
 def _to_cuda(q: ops.QuantizedTensor) -> ops.QuantizedTensor:
     return ops.QuantizedTensor(
         q.packed.cuda(), q.scales.cuda(), q.numel, q.shape, q.dtype, q.bits, q.bucket_size, q.norm
@@ -126,6 +136,18 @@ def test_elias_streams_are_identical_and_decode_across_devices(n, bits):
         assert torch.equal(from_cpu.packed.cpu(), q.packed)
         assert torch.equal(from_cpu.scales.cpu(), q.scales)
         assert ops.elias_decode(gpu_stream.cpu()) == q  # encoded on the GPU, decoded on the CPU
+
+
+def test_elias_long_gaps_match_the_cpu():
+    """A gap of 2^22 (a code longer than one 57-bit read) among values that quantize to 0."""
+    n = 2**22 + 2**20 + 77
+    x = fresh(n, torch.float32, 5) * 1e-12
+    x[torch.tensor([3, 1000, n - 5, n - 1])] = torch.tensor([2.0, -1.0, -3.0, 1.5])
+    q = ops.quantize(x, 8, n - 77, seed=9)
+    gpu_stream = ops.elias_encode(_to_cuda(q))
+    assert torch.equal(gpu_stream.cpu(), ops.elias_encode(q))
+    back = ops.elias_decode(gpu_stream)
+    assert torch.equal(back.packed.cpu(), q.packed)
 
 
 def test_corrupt_streams_raise_value_error_on_the_gpu():
