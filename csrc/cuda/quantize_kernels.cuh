@@ -128,7 +128,8 @@ __global__ void bucket_scales_kernel(const typename E::T* __restrict__ x, int64_
 // ---- quantize, fused: one warp per bucket whose fields fill whole 32-bit words ------------------
 
 // Reads the bucket for its scale and again (from cache) for its fields, and writes whole words:
-// 32 fields at a time, one OR-reduction across the warp per output word, lane k storing word k.
+// 32 fields at a time, lane k storing word k of them. Widths that divide 32 (2, 4, 8) build the
+// words with a few shuffles; the others with one OR-reduction across the warp per word.
 template <int B, typename E, int NORM>
 __global__ void quantize_fused_kernel(const typename E::T* __restrict__ x, int64_t numel,
                                       int64_t bucket_size, int64_t nbuckets,
@@ -145,8 +146,6 @@ __global__ void quantize_fused_kernel(const typename E::T* __restrict__ x, int64
       warp_bucket_scale<E, NORM>(x, start, n, NORM == kNormGiven ? scales[b] : 0.0f, invalid);
   if (NORM != kNormGiven && lane == 0) scales[b] = scale;
   const float divisor = qsgd_divisor(scale);
-  const int shift = (lane * B) % 32;
-  const int home = (lane * B) / 32;  // the word this lane's field starts in, within a chunk
   for (int64_t c = 0; c < n; c += 32) {
     const int64_t i = c + lane;
     uint32_t field = 0;
@@ -157,13 +156,25 @@ __global__ void quantize_fused_kernel(const typename E::T* __restrict__ x, int64
       field = invalid ? QsgdLevels<B>::kInvalidField
                       : static_cast<uint32_t>(qsgd_field<S>(E::load(x, e), divisor, h));
     }
-    uint32_t mine = 0;
-    for (int k = 0; k < B; ++k) {
-      uint32_t part = 0;
-      if (k == home) part = field << shift;
-      if (k == home + 1 && shift + B > 32) part = field >> (32 - shift);
-      const uint32_t word = __reduce_or_sync(kFullMask, part);
-      if (lane == k) mine = word;
+    uint32_t mine = 0;  // lane k < B: word k of the chunk's B words
+    if constexpr (32 % B == 0) {
+      // A word holds the fields of 32 / B neighbouring lanes: an OR over each group in
+      // log2(32 / B) shuffles, then lane k fetches word k from its group's first lane.
+      constexpr int kPerWord = 32 / B;
+      uint32_t v = field << ((lane % kPerWord) * B);
+#pragma unroll
+      for (int d = kPerWord / 2; d >= 1; d /= 2) v |= __shfl_down_sync(kFullMask, v, d);
+      mine = __shfl_sync(kFullMask, v, (lane * kPerWord) % 32);
+    } else {  // fields straddle words: one OR over the warp per word
+      const int shift = (lane * B) % 32;
+      const int home = (lane * B) / 32;  // the word this lane's field starts in
+      for (int k = 0; k < B; ++k) {
+        uint32_t part = 0;
+        if (k == home) part = field << shift;
+        if (k == home + 1 && shift + B > 32) part = field >> (32 - shift);
+        const uint32_t word = __reduce_or_sync(kFullMask, part);
+        if (lane == k) mine = word;
+      }
     }
     const int64_t words = (min(static_cast<int64_t>(32), n - c) * B + 31) / 32;
     if (lane < words) {
