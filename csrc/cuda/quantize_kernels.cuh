@@ -146,13 +146,19 @@ __global__ void quantize_fused_kernel(const typename E::T* __restrict__ x, int64
       warp_bucket_scale<E, NORM>(x, start, n, NORM == kNormGiven ? scales[b] : 0.0f, invalid);
   if (NORM != kNormGiven && lane == 0) scales[b] = scale;
   const float divisor = qsgd_divisor(scale);
+  // the generator's stream key changes every 2^32 elements: computed again only then
+  uint32_t stream_hi = static_cast<uint32_t>(start >> 32);
+  uint32_t stream = rng_stream_key(key, stream_hi);
   for (int64_t c = 0; c < n; c += 32) {
     const int64_t i = c + lane;
     uint32_t field = 0;
     if (i < n) {
       const int64_t e = start + i;
-      const uint32_t h =
-          rng_draw(rng_stream_key(key, static_cast<uint32_t>(e >> 32)), static_cast<uint32_t>(e));
+      if (static_cast<uint32_t>(e >> 32) != stream_hi) {
+        stream_hi = static_cast<uint32_t>(e >> 32);
+        stream = rng_stream_key(key, stream_hi);
+      }
+      const uint32_t h = rng_draw(stream, static_cast<uint32_t>(e));
       field = invalid ? QsgdLevels<B>::kInvalidField
                       : static_cast<uint32_t>(qsgd_field<S>(E::load(x, e), divisor, h));
     }
