@@ -120,7 +120,8 @@ at::Tensor decode_into(const at::Tensor& stream, const elias::StreamHeader& h, a
                        at::Tensor& scales) {
   const cudaStream_t cuda_stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = stream.options();
-  at::Tensor fields = at::empty({std::max<int64_t>(h.numel, 1)}, opts);
+  // every field starts at level 0 (coalesced here; the kernel writes only the coded entries)
+  at::Tensor fields = at::full({std::max<int64_t>(h.numel, 1)}, level_zero_field(h.bits), opts);
   at::Tensor error = at::full({1}, -1, opts.dtype(at::kLong));  // all ones: no error yet
   if (h.nbuckets > 0) {
     dispatch_int<2, 8>(h.bits, [&](auto b) {

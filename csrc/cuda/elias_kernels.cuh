@@ -6,10 +6,10 @@
 // lengths by the host code, then a write pass (one thread a bucket ORs its codes into 32-bit words
 // of a zeroed section at its offset; a bucket's first and last words are shared with its
 // neighbours, hence the atomics).
-// Decode: one thread a bucket checks the tables and decodes its codes into one byte a value (the
-// fields are packed by bitpack.cuh's kernel afterwards). Every read stays inside the stream and
-// every write inside the output, whatever the bytes; the first malformed (bucket, kind) is kept in
-// one error word.
+// Decode: the host fills one byte a value with level 0; one thread a bucket checks the tables and
+// writes the fields of its coded entries (bitpack.cuh's kernel packs them afterwards). Every read
+// stays inside the stream and every write inside the output, whatever the bytes; the first
+// malformed (bucket, kind) is kept in one error word.
 #pragma once
 
 #include <cstdint>
@@ -69,14 +69,45 @@ __device__ inline void report(unsigned long long* error, int64_t bucket, uint64_
   atomicMin(error, static_cast<unsigned long long>(bucket) * kNumKinds + kind);
 }
 
-__device__ inline uint32_t read_field(const uint8_t* packed, int64_t packed_bytes, int64_t e,
-                                      int B) {
-  const int64_t bit = e * B;
-  const int64_t byte = bit / 8;
-  uint32_t v = packed[byte];
-  if (byte + 1 < packed_bytes) v |= static_cast<uint32_t>(packed[byte + 1]) << 8;
-  return (v >> (bit % 8)) & ((1u << B) - 1u);
-}
+// A thread's reader of an LSB-first bit stream: a 64-bit window refilled a byte at a time, so
+// each byte is loaded once however the reads fall (the threads of a warp read different buckets,
+// so their loads do not coalesce, and fewer of them is what counts). Bytes past the end read as
+// zero.
+struct BitStream {
+  const uint8_t* bytes;
+  uint64_t nbytes;
+  uint64_t pos;     // the stream's bit at window bit 0
+  uint64_t window;  // bits from pos on; `valid` of them loaded, zeros above
+  int valid;
+
+  __device__ BitStream(const uint8_t* bytes_in, uint64_t nbytes_in, uint64_t bit)
+      : bytes(bytes_in), nbytes(nbytes_in), pos(bit), window(0), valid(-static_cast<int>(bit & 7)) {
+    refill();  // the first byte's bits below `bit` are shifted out as it is loaded
+  }
+
+  // At least 57 bits from pos on.
+  __device__ uint64_t peek() {
+    if (valid < 57) refill();
+    return window;
+  }
+
+  __device__ void skip(int n) {  // n <= 57, after a peek
+    window >>= n;
+    valid -= n;
+    pos += n;
+  }
+
+ private:
+  __device__ void refill() {  // loads whole bytes while a byte fits: valid ends in 57..64
+    uint64_t next = (pos + valid) >> 3;  // the first byte not yet loaded
+    while (valid <= 56) {
+      const uint64_t byte = next < nbytes ? bytes[next] : 0;
+      window |= valid >= 0 ? byte << valid : byte >> -valid;
+      valid += 8;
+      ++next;
+    }
+  }
+};
 
 // ---- encode -------------------------------------------------------------------------------------
 
@@ -86,9 +117,11 @@ template <int B, typename Entry, typename Invalid>
 __device__ void for_each_entry(const uint8_t* packed, int64_t packed_bytes, int64_t start,
                                int64_t n, Entry&& entry, Invalid&& invalid) {
   constexpr int S = QsgdLevels<B>::kS;
+  BitStream in(packed, static_cast<uint64_t>(packed_bytes), static_cast<uint64_t>(start) * B);
   int64_t prev = -1;
   for (int64_t i = 0; i < n; ++i) {
-    const uint32_t f = read_field(packed, packed_bytes, start + i, B);
+    const uint32_t f = static_cast<uint32_t>(in.peek()) & ((1u << B) - 1u);
+    in.skip(B);
     if (f == static_cast<uint32_t>(QsgdLevels<B>::kInvalidField)) invalid();
     const int level = static_cast<int>(f) - S;
     if (level == 0) continue;
@@ -183,6 +216,9 @@ __global__ void write_codes_kernel(const uint8_t* __restrict__ packed, int64_t p
 
 // ---- decode -------------------------------------------------------------------------------------
 
+// The field of level 0 at `bits` bits, which the host fills the decoder's output with.
+inline uint8_t level_zero_field(int bits) { return static_cast<uint8_t>((1 << (bits - 1)) - 1); }
+
 __device__ inline uint32_t read_u32(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
          static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
@@ -190,32 +226,25 @@ __device__ inline uint32_t read_u32(const uint8_t* p) {
 
 __device__ inline float get_scale(const uint8_t* p) { return __uint_as_float(read_u32(p)); }
 
-// At least 57 bits of the code from bit p, LSB-first, in the low bits; bytes past the code read as
-// zero.
-__device__ inline uint64_t peek(const uint8_t* code, uint64_t code_bytes, uint64_t p) {
-  uint64_t w = 0;
-  const uint64_t byte = p >> 3;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    if (byte + k < code_bytes) w |= static_cast<uint64_t>(code[byte + k]) << (8 * k);
-  }
-  return w >> (p & 7);
-}
-
 __device__ inline int trailing_zeros(uint64_t w) {
   return w == 0 ? 64 : __ffsll(static_cast<long long>(w)) - 1;
 }
 
-// A gamma code at p that must end by `end`, with floor(log2 v) <= max_log2 (at most 30).
-__device__ inline bool read_gamma(const uint8_t* code, uint64_t code_bytes, uint64_t& p,
-                                  uint64_t end, int max_log2, uint32_t& v) {
-  const uint64_t w = peek(code, code_bytes, p);
+// A gamma code at the reader's position that must end by `end`, with floor(log2 v) <= max_log2
+// (at most 30).
+__device__ inline bool read_gamma(BitStream& r, uint64_t end, int max_log2, uint32_t& v) {
+  const uint64_t w = r.peek();
   const int l = trailing_zeros(w);
-  if (l > max_log2 || p + 2 * static_cast<uint64_t>(l) + 1 > end) return false;
+  if (l > max_log2 || r.pos + 2 * static_cast<uint64_t>(l) + 1 > end) return false;
   const uint64_t mask = (uint64_t{1} << l) - 1;
-  const uint64_t low = l <= 28 ? (w >> (l + 1)) & mask : peek(code, code_bytes, p + l + 1) & mask;
-  v = static_cast<uint32_t>((uint64_t{1} << l) | low);
-  p += 2 * static_cast<uint64_t>(l) + 1;
+  if (l <= 28) {
+    v = static_cast<uint32_t>((uint64_t{1} << l) | ((w >> (l + 1)) & mask));
+    r.skip(2 * l + 1);
+  } else {
+    r.skip(l + 1);
+    v = static_cast<uint32_t>((uint64_t{1} << l) | (r.peek() & mask));
+    r.skip(l);
+  }
   return true;
 }
 
@@ -241,41 +270,35 @@ __global__ void decode_kernel(const uint8_t* __restrict__ stream, int64_t scales
     report(error, b, kPadding);
   }
   const int64_t start = b * bucket_size;
-  const int64_t n = min(bucket_size, numel - start);
-  for (int64_t i = 0; i < n; ++i) fields[start + i] = static_cast<uint8_t>(S);
-  const uint8_t* code = stream + code_at;
+  const int64_t n = min(bucket_size, numel - start);  // the host filled fields with level 0
   const int max_log2_gap = elias::floor_log2(static_cast<uint32_t>(n));
   const uint64_t stop = min(end, code_bits);
-  uint64_t p = p0;
+  BitStream r(stream + code_at, code_bytes, p0);
   int64_t index = -1;
-  while (p < stop) {
+  while (r.pos < stop) {
     uint32_t gap, magnitude, negative;
-    const uint64_t w = peek(code, code_bytes, p);
+    const uint64_t w = r.peek();
     const int lg = trailing_zeros(w);
     if (lg <= 21 && lg <= max_log2_gap) {
       // The whole entry is in w: a gap code of at most 43 bits leaves at least 13, enough for
       // the sign and any level code. The checks are read_gamma's, in the same order.
-      if (p + 2 * lg + 1 > stop) return report(error, b, kGapCode);
+      if (r.pos + 2 * lg + 1 > stop) return report(error, b, kGapCode);
       gap = static_cast<uint32_t>((uint64_t{1} << lg) | ((w >> (lg + 1)) & ((1u << lg) - 1)));
-      p += 2 * lg + 1;
-      if (p >= stop) return report(error, b, kPastBucketEnd);
+      if (r.pos + 2 * lg + 1 >= stop) return report(error, b, kPastBucketEnd);
       negative = static_cast<uint32_t>(w >> (2 * lg + 1)) & 1u;
-      p += 1;
       const uint64_t rest = w >> (2 * lg + 2);
       const int ll = trailing_zeros(rest);
-      if (ll > kMaxLog2Level || p + 2 * ll + 1 > stop) return report(error, b, kLevelCode);
-      magnitude = (1u << ll) | (static_cast<uint32_t>(rest >> (ll + 1)) & ((1u << ll) - 1));
-      p += 2 * ll + 1;
-    } else {
-      if (!read_gamma(code, code_bytes, p, stop, max_log2_gap, gap)) {
-        return report(error, b, kGapCode);
-      }
-      if (p >= stop) return report(error, b, kPastBucketEnd);
-      negative = static_cast<uint32_t>(peek(code, code_bytes, p) & 1u);
-      p += 1;
-      if (!read_gamma(code, code_bytes, p, stop, kMaxLog2Level, magnitude)) {
+      if (ll > kMaxLog2Level || r.pos + 2 * lg + 2 + 2 * ll + 1 > stop) {
         return report(error, b, kLevelCode);
       }
+      magnitude = (1u << ll) | (static_cast<uint32_t>(rest >> (ll + 1)) & ((1u << ll) - 1));
+      r.skip(2 * lg + 2 * ll + 3);
+    } else {
+      if (!read_gamma(r, stop, max_log2_gap, gap)) return report(error, b, kGapCode);
+      if (r.pos >= stop) return report(error, b, kPastBucketEnd);
+      negative = static_cast<uint32_t>(r.peek() & 1u);
+      r.skip(1);
+      if (!read_gamma(r, stop, kMaxLog2Level, magnitude)) return report(error, b, kLevelCode);
     }
     if (magnitude > static_cast<uint32_t>(S)) return report(error, b, kLevelTooLarge);
     index += gap;

@@ -2,8 +2,9 @@
 // without a GPU: tests/native/cuda_emu_driver.cpp includes this header before the kernel headers
 // and tests/unit/test_cuda_emulated.py compares what they compute with the CPU ops, bit for bit.
 //
-// Every CUDA thread of a block is a fiber (ucontext) with a stack of its own. The fibers run one
-// at a time, each until it reaches a warp collective (__shfl_sync, __shfl_down_sync,
+// Every CUDA thread of a block is a fiber (ucontext) with a stack of its own (or, for kernels
+// launched as Threads::kIndependent, a plain call). The fibers run one at a time, each until it
+// reaches a warp collective (__shfl_sync, __shfl_down_sync,
 // __reduce_or_sync, __reduce_max_sync) or returns. A collective completes when all 32 lanes of the
 // warp wait in the same one, as the full masks our kernels pass require on a GPU; a warp in which
 // some lanes have left, or wait in a different collective, is a bug in the kernel and aborts the
@@ -81,6 +82,7 @@ struct Device {
   unsigned block_x = 0;
   int current = -1;
   bool reverse = false;
+  bool independent = false;  // the launch runs its threads as plain calls
   std::vector<Lane> lanes;
   std::vector<char*> stacks;  // each above a PROT_NONE guard page: an overflow faults
   ucontext_t scheduler;
@@ -199,8 +201,14 @@ inline bool complete_collective(int w) {
   return true;
 }
 
+// How a launch runs its threads: as fibers that meet in warp collectives, or, for kernels whose
+// threads never communicate, one after another as plain calls (much faster; a warp collective
+// in such a kernel aborts the run).
+enum class Threads { kLockstep, kIndependent };
+
 // Runs kernel() as every thread of a grid of `grid` blocks of `block` threads (1-D, whole warps).
-inline void launch(int64_t grid, int64_t block, std::function<void()> kernel) {
+inline void launch(int64_t grid, int64_t block, std::function<void()> kernel,
+                   Threads threads = Threads::kLockstep) {
   Device& d = device();
   if (block < 1 || block > 1024 || block % 32 != 0) fail("emulated blocks are whole warps");
   if (grid < 1) fail("a launch needs at least one block");
@@ -211,6 +219,16 @@ inline void launch(int64_t grid, int64_t block, std::function<void()> kernel) {
   const int n = static_cast<int>(block);
   for (int64_t step = 0; step < grid; ++step) {
     d.block_x = static_cast<unsigned>(d.reverse ? grid - 1 - step : step);
+    if (threads == Threads::kIndependent) {
+      d.independent = true;
+      for (int k = 0; k < n; ++k) {
+        d.current = d.reverse ? n - 1 - k : k;
+        d.kernel();
+      }
+      d.current = -1;
+      d.independent = false;
+      continue;
+    }
     for (int i = 0; i < n; ++i) {
       Lane& lane = d.lanes[i];
       lane = Lane{};
@@ -253,6 +271,7 @@ T collective(Op op, unsigned mask, T value, int arg) {
   static_assert(sizeof(T) <= 8, "collectives move up to 64 bits");
   Device& d = device();
   if (d.current < 0) fail("a warp collective outside a kernel");
+  if (d.independent) fail("a warp collective in a kernel launched as Threads::kIndependent");
   if (mask != 0xFFFFFFFFu) fail("the emulation supports full-warp masks only", d.block_x);
   Lane& me = d.lanes[d.current];
   me.state = State::kWaiting;

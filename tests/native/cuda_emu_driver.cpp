@@ -2,6 +2,7 @@
 // launched with the grids, the scan and the header handling of the host code in ops_cuda.cu and
 // elias_cuda.cu. Built with AddressSanitizer and UBSan by tests/unit/test_cuda_emulated.py, and
 // every buffer has its exact size, so a kernel that reads or writes outside one fails the run.
+// Kernels without warp collectives run their threads as plain calls (emu::Threads::kIndependent).
 //
 // Usage: cuda_emu_driver forward|reverse JOBS_FILE. Each line of JOBS_FILE is one job; each job
 // prints one line: "ok", or "error: MESSAGE" for what the CUDA op raises (a malformed stream, an
@@ -131,10 +132,13 @@ void quantize(std::istream& args) {
       });
     });
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      emu::launch(blocks_for(words, kThreads), kThreads, [&] {
-        qpr::cuda::quantize_pack_kernel<b(), E>(xp, numel, bucket_size, s, poisoned.data(), key,
-                                                packed, nbytes);
-      });
+      emu::launch(
+          blocks_for(words, kThreads), kThreads,
+          [&] {
+            qpr::cuda::quantize_pack_kernel<b(), E>(xp, numel, bucket_size, s, poisoned.data(), key,
+                                                    packed, nbytes);
+          },
+          emu::Threads::kIndependent);
     });
   });
   write_file(packed_path, packed, static_cast<size_t>(nbytes));
@@ -161,10 +165,13 @@ void dequantize(std::istream& args) {
     auto* op = reinterpret_cast<typename E::T*>(out);
     const bool vector = qpr::cuda::dequantize_vector_stores(op);
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      emu::launch(blocks_for(groups, kThreads), kThreads, [&] {
-        qpr::cuda::dequantize_kernel<b(), E>(packed.data(), static_cast<int64_t>(packed.size()),
-                                             scales.data(), numel, bucket_size, op, vector);
-      });
+      emu::launch(
+          blocks_for(groups, kThreads), kThreads,
+          [&] {
+            qpr::cuda::dequantize_kernel<b(), E>(packed.data(), static_cast<int64_t>(packed.size()),
+                                                 scales.data(), numel, bucket_size, op, vector);
+          },
+          emu::Threads::kIndependent);
     });
   });
   write_file(out_path, out, numel * size);
@@ -181,10 +188,13 @@ void pack(std::istream& args, bool unpack) {
     if (unpack) {
       const std::vector<uint8_t> packed = read_file(in_path, nbytes);
       std::vector<T> out(static_cast<size_t>(numel));
-      emu::launch(blocks_for(numel, kThreads), kThreads, [&] {
-        qpr::cuda::bitpack::unpack_kernel<T>(packed.data(), nbytes, static_cast<int>(field_bits),
-                                             numel, out.data());
-      });
+      emu::launch(
+          blocks_for(numel, kThreads), kThreads,
+          [&] {
+            qpr::cuda::bitpack::unpack_kernel<T>(packed.data(), nbytes,
+                                                 static_cast<int>(field_bits), numel, out.data());
+          },
+          emu::Threads::kIndependent);
       write_file(out_path, out.data(), out.size() * sizeof(T));
       return;
     }
@@ -192,10 +202,13 @@ void pack(std::istream& args, bool unpack) {
     std::vector<T> values(static_cast<size_t>(numel));
     std::memcpy(values.data(), raw.data(), raw.size());
     std::vector<uint8_t> out(static_cast<size_t>(nbytes));
-    emu::launch(blocks_for(nbytes, kThreads), kThreads, [&] {
-      qpr::cuda::bitpack::pack_kernel<T>(values.data(), numel, static_cast<int>(field_bits),
-                                         out.data(), nbytes);
-    });
+    emu::launch(
+        blocks_for(nbytes, kThreads), kThreads,
+        [&] {
+          qpr::cuda::bitpack::pack_kernel<T>(values.data(), numel, static_cast<int>(field_bits),
+                                             out.data(), nbytes);
+        },
+        emu::Threads::kIndependent);
     write_file(out_path, out.data(), out.size());
   });
 }
@@ -229,11 +242,14 @@ void encode(std::istream& args) {
   int flags = 0;
   if (nbuckets > 0) {
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      emu::launch(blocks_for(nbuckets, kThreads), kThreads, [&] {
-        qpr::cuda::elias_kernels::code_lengths_kernel<b()>(packed.data(), pbytes, numel,
-                                                           bucket_size, nbuckets, scales.data(),
-                                                           lengths.data(), &flags);
-      });
+      emu::launch(
+          blocks_for(nbuckets, kThreads), kThreads,
+          [&] {
+            qpr::cuda::elias_kernels::code_lengths_kernel<b()>(packed.data(), pbytes, numel,
+                                                               bucket_size, nbuckets, scales.data(),
+                                                               lengths.data(), &flags);
+          },
+          emu::Threads::kIndependent);
     });
   }
   std::vector<int64_t> offsets(static_cast<size_t>(nbuckets));
@@ -256,11 +272,14 @@ void encode(std::istream& args) {
   if (nbuckets > 0) {
     std::memcpy(out.data() + scales_at, scales.data(), 4 * nbuckets);
     dispatch_int<2, 8>(static_cast<int>(bits), [&](auto b) {
-      emu::launch(blocks_for(nbuckets, kThreads), kThreads, [&] {
-        qpr::cuda::elias_kernels::write_codes_kernel<b()>(
-            packed.data(), pbytes, numel, bucket_size, nbuckets, offsets.data(),
-            reinterpret_cast<uint32_t*>(out.data() + code_at), out.data() + offsets_at);
-      });
+      emu::launch(
+          blocks_for(nbuckets, kThreads), kThreads,
+          [&] {
+            qpr::cuda::elias_kernels::write_codes_kernel<b()>(
+                packed.data(), pbytes, numel, bucket_size, nbuckets, offsets.data(),
+                reinterpret_cast<uint32_t*>(out.data() + code_at), out.data() + offsets_at);
+          },
+          emu::Threads::kIndependent);
     });
   }
   for (int k = 0; k < 4; ++k) {
@@ -281,15 +300,18 @@ void decode(std::istream& args) {
     job_error(e.what_without_backtrace());
   }
   namespace k = qpr::cuda::elias_kernels;
-  std::vector<uint8_t> fields(static_cast<size_t>(h.numel));
+  std::vector<uint8_t> fields(static_cast<size_t>(h.numel), k::level_zero_field(h.bits));
   unsigned long long error = ~0ull;
   if (h.nbuckets > 0) {
     dispatch_int<2, 8>(h.bits, [&](auto b) {
-      emu::launch(blocks_for(h.nbuckets, kThreads), kThreads, [&] {
-        k::decode_kernel<b()>(stream.data(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
-                              h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data(),
-                              &error);
-      });
+      emu::launch(
+          blocks_for(h.nbuckets, kThreads), kThreads,
+          [&] {
+            k::decode_kernel<b()>(stream.data(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
+                                  h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data(),
+                                  &error);
+          },
+          emu::Threads::kIndependent);
     });
   }
   if (error != ~0ull) {
@@ -299,10 +321,13 @@ void decode(std::istream& args) {
   const int64_t nbytes = packed_bytes(h.numel, h.bits);
   std::vector<uint8_t> packed(static_cast<size_t>(nbytes));
   if (h.numel > 0) {
-    emu::launch(blocks_for(nbytes, kThreads), kThreads, [&] {
-      qpr::cuda::bitpack::pack_kernel<uint8_t>(fields.data(), h.numel, h.bits, packed.data(),
-                                               nbytes);
-    });
+    emu::launch(
+        blocks_for(nbytes, kThreads), kThreads,
+        [&] {
+          qpr::cuda::bitpack::pack_kernel<uint8_t>(fields.data(), h.numel, h.bits, packed.data(),
+                                                   nbytes);
+        },
+        emu::Threads::kIndependent);
   }
   write_file(packed_path, packed.data(), packed.size());
   write_file(scales_path, stream.data() + h.scales_at, 4 * h.nbuckets);

@@ -235,6 +235,19 @@ def test_elias_streams_are_identical_and_decode_across_devices(batch):
     batch.add("encode", 8, bucket, 0, "f32", str(n), batch.put(q.packed), batch.put(q.scales),
               f"OUT/e{i}")  # fmt: skip
     batch.add("decode", batch.put(cases[-1][1]), f"OUT/p{i}", f"OUT/s{i}")
+    # Entries of 57 bits, the most one read of the decoder's window guarantees (a gap of 2^21 and
+    # the longest 8-bit level code), at eight bit alignments: bucket j starts with j short entries.
+    bucket = 2**21 + 64
+    x = fresh(8 * bucket, torch.float32, 6) * 1e-12
+    for j in range(8):
+        x[j * bucket : j * bucket + j] = 0.5
+        x[(j + 1) * bucket - 1] = -3.0  # the bucket's largest: level -127
+    q = ops.quantize(x, 8, bucket, seed=10)
+    cases.append((q, ops.elias_encode(q)))
+    i = len(cases) - 1
+    batch.add("encode", 8, bucket, 0, "f32", str(x.numel()), batch.put(q.packed),
+              batch.put(q.scales), f"OUT/e{i}")  # fmt: skip
+    batch.add("decode", batch.put(cases[-1][1]), f"OUT/p{i}", f"OUT/s{i}")
     assert set(batch.run()) == {"ok"}
     for i, (q, cpu_stream) in enumerate(cases):
         emulated = batch.out(f"e{i}", torch.uint8)
