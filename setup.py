@@ -2,7 +2,7 @@
 
 The C++ sources always build; the CUDA sources (csrc/cuda/*.cu) build as well when PyTorch has
 CUDA and nvcc is found. TORCH_CUDA_ARCH_LIST selects the GPU architectures, as for any PyTorch
-extension (default here: sm_80 and sm_90).
+extension (default here: sm_80 and sm_90; sm_80 is the oldest the kernels support).
 """
 
 import glob
@@ -32,6 +32,27 @@ CXX_FLAGS = [
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-prec-div=true", "-prec-sqrt=true"]
 
 
+# The kernels' warp reductions (__reduce_or_sync, __reduce_max_sync) need compute capability 8.0.
+_OLD_ARCH_NAMES = {"kepler", "maxwell", "pascal", "volta", "turing"}
+
+
+def _check_cuda_arch_list(value: str) -> None:
+    """Refuses a TORCH_CUDA_ARCH_LIST naming GPUs older than sm_80, with the reason."""
+    for entry in value.replace(",", ";").replace(" ", ";").split(";"):
+        arch = entry.strip().lower().removesuffix("+ptx")
+        if not arch:
+            continue
+        version = arch.rstrip("abf")
+        old = arch in _OLD_ARCH_NAMES or (
+            version.replace(".", "", 1).isdigit() and float(version) < 8.0
+        )
+        if old:
+            raise SystemExit(
+                f"TORCH_CUDA_ARCH_LIST={value!r} names {entry.strip()!r}: hvd_qpr's CUDA kernels "
+                "use warp reductions of compute capability 8.0 and later (Ampere, Hopper, ...)"
+            )
+
+
 def _cuda_available() -> bool:
     return torch.version.cuda is not None and (
         shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME") is not None
@@ -44,6 +65,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     if cu and _cuda_available():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        _check_cuda_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
         return CUDAExtension(
             "hvd_qpr._C",
             cpp + cu,

@@ -213,7 +213,10 @@ def dequantize(
 
     Raises:
         ValueError: inconsistent q (sizes, a negative or non-finite scale, an invalid field), or
-            a value that overflows dtype (possible for float16 with l2 scales).
+            a value that overflows dtype (possible for float16 with l2 scales). On CUDA only the
+            sizes are checked, since the rest would wait for the GPU: a NaN scale or an invalid
+            field gives NaN, an overflow Inf, a negative scale values of the wrong sign; scales
+            from :func:`quantize` are never negative.
 
     Example:
         >>> x_hat = dequantize(quantize(torch.randn(4, 4)))

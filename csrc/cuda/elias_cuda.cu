@@ -123,15 +123,13 @@ at::Tensor decode_into(const at::Tensor& stream, const elias::StreamHeader& h, a
   // every field starts at level 0 (coalesced here; the kernel writes only the coded entries)
   at::Tensor fields = at::full({std::max<int64_t>(h.numel, 1)}, level_zero_field(h.bits), opts);
   at::Tensor error = at::full({1}, -1, opts.dtype(at::kLong));  // all ones: no error yet
-  if (h.nbuckets > 0) {
-    dispatch_int<2, 8>(h.bits, [&](auto b) {
-      decode_kernel<b()><<<blocks_for(h.nbuckets, kThreads), kThreads, 0, cuda_stream>>>(
-          stream.data_ptr<uint8_t>(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
-          h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data_ptr<uint8_t>(),
-          reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  dispatch_int<2, 8>(h.bits, [&](auto b) {  // also with no bucket: thread 0 checks the padding
+    decode_kernel<b()><<<blocks_for(h.nbuckets, kThreads), kThreads, 0, cuda_stream>>>(
+        stream.data_ptr<uint8_t>(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes, h.code_bits,
+        h.numel, h.bucket_size, h.nbuckets, fields.data_ptr<uint8_t>(),
+        reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   const uint64_t first = static_cast<uint64_t>(error.cpu().data_ptr<int64_t>()[0]);
   TORCH_CHECK_VALUE(first == ~uint64_t{0}, "elias_decode: malformed stream: bucket ",
                     first / kNumKinds, ": ", malformed_text(first % kNumKinds));
@@ -160,8 +158,8 @@ at::Tensor checked_stream(const at::Tensor& stream_in) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cuda(const at::Tensor& stream_in) {
-  const c10::cuda::CUDAGuard guard(stream_in.device());
   const at::Tensor stream = checked_stream(stream_in);
+  const c10::cuda::CUDAGuard guard(stream.device());
   const elias::StreamHeader h = read_header(stream);
   at::Tensor packed = at::empty({packed_bytes(h.numel, h.bits)}, stream.options());
   at::Tensor scales = at::empty({h.nbuckets}, stream.options().dtype(at::kFloat));
@@ -172,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> elias_decode_cuda(const at::Tenso
 at::Tensor elias_decode_out_cuda(const at::Tensor& stream_in, at::Tensor& packed,
                                  at::Tensor& scales) {
   constexpr const char* op = "elias_decode";
-  const c10::cuda::CUDAGuard guard(stream_in.device());
-  const at::Tensor stream = checked_stream(stream_in);
+  const at::Tensor stream = checked_stream(stream_in);  // on a CUDA device, before the guard
+  const c10::cuda::CUDAGuard guard(stream.device());
   TORCH_CHECK_VALUE(packed.device() == stream.device() && scales.device() == stream.device(), op,
                     ": packed and scales must be on the stream's device ", stream.device());
   const elias::StreamHeader h = read_header(stream);

@@ -257,6 +257,10 @@ __global__ void decode_kernel(const uint8_t* __restrict__ stream, int64_t scales
   constexpr int S = QsgdLevels<B>::kS;
   constexpr int kMaxLog2Level = QsgdLevels<B>::kLog2S;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // thread 0 checks the padding, also when there is no bucket (the host launches one thread)
+  if (b == 0 && code_bits % 8 != 0 && (stream[code_at + code_bytes - 1] >> (code_bits % 8)) != 0) {
+    report(error, nbuckets > 0 ? nbuckets - 1 : 0, kPadding);
+  }
   if (b >= nbuckets) return;
   const float scale = get_scale(stream + scales_at + 4 * b);
   if (!(scale >= 0.0f && scale <= 3.402823466e38f)) report(error, b, kBadScale);
@@ -265,10 +269,6 @@ __global__ void decode_kernel(const uint8_t* __restrict__ stream, int64_t scales
   if (b == 0 && p0 != 0) report(error, b, kFirstOffset);
   if (end < p0) report(error, b + 1, kOffsetBackwards);
   if (p0 > code_bits) report(error, b, kOffsetPastEnd);
-  if (b == nbuckets - 1 && code_bits % 8 != 0 &&
-      (stream[code_at + code_bytes - 1] >> (code_bits % 8)) != 0) {
-    report(error, b, kPadding);
-  }
   const int64_t start = b * bucket_size;
   const int64_t n = min(bucket_size, numel - start);  // the host filled fields with level 0
   const int max_log2_gap = elias::floor_log2(static_cast<uint32_t>(n));

@@ -302,18 +302,16 @@ void decode(std::istream& args) {
   namespace k = qpr::cuda::elias_kernels;
   std::vector<uint8_t> fields(static_cast<size_t>(h.numel), k::level_zero_field(h.bits));
   unsigned long long error = ~0ull;
-  if (h.nbuckets > 0) {
-    dispatch_int<2, 8>(h.bits, [&](auto b) {
-      emu::launch(
-          blocks_for(h.nbuckets, kThreads), kThreads,
-          [&] {
-            k::decode_kernel<b()>(stream.data(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
-                                  h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data(),
-                                  &error);
-          },
-          emu::Threads::kIndependent);
-    });
-  }
+  dispatch_int<2, 8>(h.bits, [&](auto b) {  // also with no bucket: thread 0 checks the padding
+    emu::launch(
+        blocks_for(h.nbuckets, kThreads), kThreads,
+        [&] {
+          k::decode_kernel<b()>(stream.data(), h.scales_at, h.offsets_at, h.code_at, h.code_bytes,
+                                h.code_bits, h.numel, h.bucket_size, h.nbuckets, fields.data(),
+                                &error);
+        },
+        emu::Threads::kIndependent);
+  });
   if (error != ~0ull) {
     job_error("elias_decode: malformed stream: bucket " + std::to_string(error / k::kNumKinds) +
               ": " + k::malformed_text(error % k::kNumKinds));

@@ -300,6 +300,25 @@ def test_corrupt_streams_are_refused_as_the_cpu_refuses_them(batch):
     assert refused > 100 and len(cases) - refused > 30, refused  # both outcomes were exercised
 
 
+def test_padding_of_an_empty_tensor_is_checked(batch):
+    """A stream of no values may still carry code bits: nonzero padding after them is refused
+    as on the CPU, zero padding accepted."""
+    stream = ops.elias_encode(ops.quantize(torch.empty(0), 4, 512, seed=1))
+    for last in (0xF8, 0x00):
+        s = torch.cat([stream, torch.tensor([last], dtype=torch.uint8)])
+        s[24:32] = torch.tensor([3, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)  # code_bits = 3
+        try:
+            ops.elias_decode(s)
+            cpu = "ok"
+        except ValueError as e:
+            cpu = str(e)
+        assert ("padding" in cpu) == (last != 0), cpu
+        batch.add("decode", batch.put(s), f"OUT/p{last}", f"OUT/s{last}")
+    refused, accepted = batch.run()
+    assert refused.startswith("error: elias_decode") and "padding" in refused, refused
+    assert accepted == "ok"
+
+
 def test_errors_are_recorded_on_the_device_not_raised(batch):
     """A non-finite bucket gets a NaN scale and invalid fields (no exception: the op does not
     synchronize); dequantize turns them into NaN; a value above a given scale invalidates its
