@@ -71,11 +71,12 @@ at::Tensor elias_encode_cuda(const at::Tensor& packed_in, const at::Tensor& scal
   const at::Tensor summary = at::stack({ends.index({-1}), flags.index({0}).to(at::kLong)}).cpu();
   const uint64_t total = static_cast<uint64_t>(summary.data_ptr<int64_t>()[0]);
   const int64_t flag_bits = summary.data_ptr<int64_t>()[1];
-  TORCH_CHECK_VALUE(!(flag_bits & 1), op, ": packed holds a field equal to ", (1 << bits) - 1,
-                    ", which no ", bits, "-bit level encodes");
+  // scales first, as the CPU encoder checks them
   TORCH_CHECK_VALUE(!(flag_bits & 2), op,
                     ": a scale is not a finite non-negative number (a bucket held NaN or Inf "
                     "when it was quantized on the GPU)");
+  TORCH_CHECK_VALUE(!(flag_bits & 1), op, ": packed holds a field equal to ", (1 << bits) - 1,
+                    ", which no ", bits, "-bit level encodes");
   TORCH_CHECK_VALUE(total <= elias::kMaxCodeBits, op, ": the code is ", total,
                     " bits, more than a stream's 2**32-1; encode the tensor in parts");
 

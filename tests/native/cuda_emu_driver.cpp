@@ -258,8 +258,8 @@ void encode(std::istream& args) {
     offsets[b] = static_cast<int64_t>(total);
     total += static_cast<uint64_t>(lengths[b]);
   }
-  if (flags & 1) job_error("elias_encode: packed holds an invalid field");
   if (flags & 2) job_error("elias_encode: a scale is not a finite non-negative number");
+  if (flags & 1) job_error("elias_encode: packed holds an invalid field");
   const int64_t ndim = static_cast<int64_t>(shape.size());
   const int64_t scales_at = qpr::elias::kHeaderBytes + 8 * ndim;
   const int64_t offsets_at = scales_at + 4 * nbuckets;

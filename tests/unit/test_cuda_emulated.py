@@ -349,11 +349,14 @@ def test_errors_are_recorded_on_the_device_not_raised(batch):
     packed_path, scales_path = second.put(batch.out("p0", torch.uint8)), second.put(scales)
     second.add("dequantize", "f32", 4, 512, 2048, 0, packed_path, scales_path, "OUT/d")
     valid = second.put(ops.quantize(x.nan_to_num(0.0, 0.0, 0.0), 4, 512, seed=1).packed)
-    second.add("encode", 4, 512, 0, "f32", "2048", packed_path, scales_path, "OUT/e0")
+    finite = second.put(scales.nan_to_num(1.0))
+    second.add("encode", 4, 512, 0, "f32", "2048", packed_path, finite, "OUT/e0")
     second.add("encode", 4, 512, 0, "f32", "2048", valid, scales_path, "OUT/e1")
+    second.add("encode", 4, 512, 0, "f32", "2048", packed_path, scales_path, "OUT/e2")
     status = second.run()
     assert status[0] == "ok"
     out = second.out("d", torch.float32).view(4, 512)
     assert torch.isnan(out[[1, 3]]).all() and torch.isfinite(out[[0, 2]]).all()
     assert status[1].startswith("error: elias_encode") and "invalid field" in status[1]
     assert status[2].startswith("error: elias_encode") and "not a finite" in status[2]
+    assert "not a finite" in status[3]  # both wrong: the scales are reported, as on the CPU
