@@ -274,7 +274,8 @@ def elias_decode(stream: torch.Tensor, out: QuantizedTensor | None = None) -> Qu
 
     Raises:
         TypeError: stream is not a uint8 tensor.
-        ValueError: the stream is malformed or truncated (the message says where).
+        ValueError: the stream is malformed or truncated (the message says where). CPU and
+            CUDA refuse the same streams; with several faults they may name different ones.
 
     Example:
         >>> q = quantize(torch.randn(513), bits=3)
