@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The check the lent GPU machine runs in one call (device tool: `bash scripts/gpu_check.sh`):
 # builds the extension with its CUDA sources, runs the CUDA-vs-CPU kernel tests and the kernel
-# unit tests, and benchmarks the kernels on the GPU. Everything it prints also goes to $OUT.
+# unit tests, benchmarks the kernels on the GPU, then reruns two tests under compute-sanitizer.
+# Everything it prints also goes to $OUT.
 # The GPU machine has a CUDA build of PyTorch and nvcc but no Horovod; hvd_qpr.ops needs neither.
 set -euo pipefail
 
@@ -28,4 +29,11 @@ echo "built in $((SECONDS - start)) s"
 
 "$PY" benchmarks/kernels.py --device cuda --sizes 20 26 --bits 2 4 8 \
     --topk-densities 0.001 0.01 --json "$OUT/kernels_cuda.json"
+
+# Last, and bounded: the corrupt-stream and unaligned-output tests under compute-sanitizer's
+# memcheck, which would name any out-of-bounds or misaligned device access.
+if command -v compute-sanitizer >/dev/null; then
+    timeout 300 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m pytest -q \
+        -p no:cacheprovider tests/gpu -k "corrupt or unaligned" || status=$?
+fi
 exit "${status:-0}"
