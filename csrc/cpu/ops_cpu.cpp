@@ -147,9 +147,7 @@ void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int
   const int64_t numel = x_in.numel();
   check_cpu(packed, op, "packed");
   check_cpu(scales, op, "scales");
-  check_quantized(packed, scales, numel, bits, bucket_size, op);
-  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
-                    ": packed and scales must be contiguous");
+  check_quantized_outputs(packed, scales, numel, bits, bucket_size, op);
   const at::Tensor x = x_in.contiguous();
   const QuantizeJob job{x.data_ptr(),
                         elem_code(x.scalar_type(), op),
@@ -200,11 +198,7 @@ void quantize_scaled_out_cpu(const at::Tensor& x, const at::Tensor& scales_in, i
 
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t bits,
                                                 int64_t bucket_size, int64_t norm, int64_t seed) {
-  check_bits(bits, "quantize");
-  check_bucket_size(bucket_size, "quantize");
-  at::Tensor packed = at::empty({packed_bytes(x.numel(), bits)}, x.options().dtype(at::kByte));
-  at::Tensor scales =
-      at::empty({num_buckets(x.numel(), bucket_size)}, x.options().dtype(at::kFloat));
+  auto [packed, scales] = empty_quantized(x, bits, bucket_size, "quantize");
   quantize_out_cpu(x, bits, bucket_size, norm, seed, packed, scales);
   return {packed, scales};
 }
@@ -445,9 +439,7 @@ at::Tensor elias_decode_out_cpu(const at::Tensor& stream, at::Tensor& packed, at
   const ParsedStream ps = parse_stream(stream);
   check_cpu(packed, op, "packed");
   check_cpu(scales, op, "scales");
-  check_quantized(packed, scales, ps.h.numel, ps.h.bits, ps.h.bucket_size, op);
-  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
-                    ": the output tensors must be contiguous");
+  check_quantized_outputs(packed, scales, ps.h.numel, ps.h.bits, ps.h.bucket_size, op);
   return decode_stream(ps, packed, scales);
 }
 

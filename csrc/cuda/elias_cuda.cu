@@ -176,9 +176,7 @@ at::Tensor elias_decode_out_cuda(const at::Tensor& stream_in, at::Tensor& packed
   TORCH_CHECK_VALUE(packed.device() == stream.device() && scales.device() == stream.device(), op,
                     ": packed and scales must be on the stream's device ", stream.device());
   const elias::StreamHeader h = read_header(stream);
-  check_quantized(packed, scales, h.numel, h.bits, h.bucket_size, op);
-  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
-                    ": the output tensors must be contiguous");
+  check_quantized_outputs(packed, scales, h.numel, h.bits, h.bucket_size, op);
   return decode_into(stream, h, packed, scales);
 }
 

@@ -14,6 +14,8 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 
 #include "cuda/bitpack.cuh"
 #include "cuda/quantize_kernels.cuh"
@@ -39,23 +41,23 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be on a CUDA device, got ", t.device());
 }
 
-void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name, " is on ", b.device(),
-                    " but the input is on ", a.device());
+// Every named tensor on a CUDA device, the same as the first one's.
+void check_on_one_cuda_device(
+    const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
+  for (const auto& [name, t] : named) check_cuda(*t, op, name);
+  const at::Tensor& first = *named.begin()->second;
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_VALUE(t->device() == first.device(), op, ": ", name, " is on ", t->device(),
+                      " but the input is on ", first.device());
+  }
 }
 
 void run_quantize(const at::Tensor& x_in, int64_t bits, int64_t bucket_size, int64_t norm,
                   int64_t seed, at::Tensor& packed, at::Tensor& scales, const char* op) {
-  check_cuda(x_in, op, "x");
-  check_cuda(packed, op, "packed");
-  check_cuda(scales, op, "scales");
-  check_same_device(x_in, packed, op, "packed");
-  check_same_device(x_in, scales, op, "scales");
+  check_on_one_cuda_device(op, {{"x", &x_in}, {"packed", &packed}, {"scales", &scales}});
   check_float_input(x_in, op, "x");
   const int64_t numel = x_in.numel();
-  check_quantized(packed, scales, numel, bits, bucket_size, op);
-  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
-                    ": packed and scales must be contiguous");
+  check_quantized_outputs(packed, scales, numel, bits, bucket_size, op);
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -113,11 +115,7 @@ void quantize_scaled_out_cuda(const at::Tensor& x, const at::Tensor& scales_in, 
 
 std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bits,
                                                  int64_t bucket_size, int64_t norm, int64_t seed) {
-  check_bits(bits, "quantize");
-  check_bucket_size(bucket_size, "quantize");
-  at::Tensor packed = at::empty({packed_bytes(x.numel(), bits)}, x.options().dtype(at::kByte));
-  at::Tensor scales =
-      at::empty({num_buckets(x.numel(), bucket_size)}, x.options().dtype(at::kFloat));
+  auto [packed, scales] = empty_quantized(x, bits, bucket_size, "quantize");
   quantize_out_cuda(x, bits, bucket_size, norm, seed, packed, scales);
   return {packed, scales};
 }
@@ -125,11 +123,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bi
 void dequantize_out_cuda(const at::Tensor& packed_in, const at::Tensor& scales_in,
                          int64_t bucket_size, int64_t bits, at::Tensor& out) {
   constexpr const char* op = "dequantize";
-  check_cuda(packed_in, op, "packed");
-  check_cuda(scales_in, op, "scales");
-  check_cuda(out, op, "out");
-  check_same_device(packed_in, scales_in, op, "scales");
-  check_same_device(packed_in, out, op, "out");
+  check_on_one_cuda_device(op, {{"packed", &packed_in}, {"scales", &scales_in}, {"out", &out}});
   check_float_input(out, op, "out");
   TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
   const int64_t numel = out.numel();

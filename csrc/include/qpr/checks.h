@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 
 #include "qpr/elias.h"
 
@@ -119,6 +120,24 @@ inline void check_quantized(const at::Tensor& packed, const at::Tensor& scales, 
   TORCH_CHECK_VALUE(scales.dim() == 1 && scales.numel() == num_buckets(numel, bucket_size), op,
                     ": scales must be a 1-D tensor of ", num_buckets(numel, bucket_size),
                     " values (one per bucket), got shape ", scales.sizes());
+}
+
+// Buffers an op writes a quantized tensor into: check_quantized's shapes, and contiguous.
+inline void check_quantized_outputs(const at::Tensor& packed, const at::Tensor& scales,
+                                    int64_t numel, int64_t bits, int64_t bucket_size,
+                                    const char* op) {
+  check_quantized(packed, scales, numel, bits, bucket_size, op);
+  TORCH_CHECK_VALUE(packed.is_contiguous() && scales.is_contiguous(), op,
+                    ": packed and scales must be contiguous");
+}
+
+// Fresh packed and scales for quantizing x (on x's device), after checking bits and bucket_size.
+inline std::tuple<at::Tensor, at::Tensor> empty_quantized(const at::Tensor& x, int64_t bits,
+                                                          int64_t bucket_size, const char* op) {
+  check_bits(bits, op);
+  check_bucket_size(bucket_size, op);
+  return {at::empty({packed_bytes(x.numel(), bits)}, x.options().dtype(at::kByte)),
+          at::empty({num_buckets(x.numel(), bucket_size)}, x.options().dtype(at::kFloat))};
 }
 
 inline void check_field_bits(int64_t field_bits, const char* op) {
