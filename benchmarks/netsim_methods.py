@@ -1,7 +1,10 @@
 """The training methods the bandwidth-limited benchmark compares, in one registry.
 
-A method is a typed description of how gradients or models are averaged; ``wrap`` turns a torch
-optimizer into the distributed one. Later methods (gossip, Overlap-Local-SGD, sparsifiers)
+A :class:`Method` is the one typed description of how a run averages gradients or models:
+``wrap`` turns a torch optimizer into the distributed one, ``compressor`` builds its compressor,
+``spec`` is what the harness writes into its result files and :meth:`Method.from_dict` reads
+back (the worker from its command line; ``benchmarks/scale_model.py`` from result files, old
+ones too), so the harness and the scale model describe a method the same way. Later methods
 register here instead of copying the harness.
 
 Example:
@@ -10,17 +13,20 @@ Example:
     'packed-sum'
     >>> method("pr-sgd@32").local_steps
     32
+    >>> Method.from_dict(m.spec()) == dataclasses.replace(m, uses_k="")
+    True
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import horovod.torch as hvd
 import torch
 
 import hvd_qpr
+from hvd_qpr.compression import Compressor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,15 +34,17 @@ class Method:
     """How one run averages.
 
     Attributes:
-        name: registry name.
+        name: registry name (the scale model's row label).
         optimizer: ``"horovod"`` (plain ``hvd.DistributedOptimizer``) or ``"hvd_qpr"``.
-        compression: ``"none"``, ``"fp16"``, ``"qsgd"`` or another registered compressor name
-            (built with its defaults).
-        bits: QSGD bits a level.
+        compression: ``"none"``, ``"fp16"``, ``"bf16"``, ``"qsgd"`` or another registered
+            compressor name (built with its defaults, and ``ratio`` for a sparsifier).
+        bits: QSGD bits a level (the compressor's default when None).
         elias: Elias-code the QSGD levels.
         local_steps: K (1: gradients averaged every step).
-        aggregation: hvd_qpr's aggregation (``"auto"`` or a mode).
-        error_feedback: wrap the compressor in ErrorFeedback.
+        aggregation: hvd_qpr's aggregation: ``"auto"`` or one of
+            :data:`hvd_qpr.collectives.AGGREGATIONS`.
+        error_feedback: wrap the compressor in ErrorFeedback (the scale model counts the
+            extra decode some modes then do).
         uses_k: whether the harness's ``--local-steps`` (QPR) or ``--pr-local-steps`` (PR)
             sets K: ``"qpr"``, ``"pr"`` or ``""`` (K stays as given).
         ratio: density of a sparsifier (its default when None).
@@ -48,8 +56,8 @@ class Method:
         pullback: Overlap-Local-SGD's alpha.
     """
 
-    name: str
-    optimizer: str
+    name: str = ""
+    optimizer: str = "hvd_qpr"
     compression: str = "none"
     bits: int | None = None
     elias: bool = False
@@ -65,6 +73,19 @@ class Method:
     overlap: bool = False
     pullback: float = 0.6
 
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, object]) -> Method:
+        """The method a ``spec()`` or ``dataclasses.asdict`` JSON describes. Unknown keys are
+        ignored and missing or null ones take their defaults, so the result files of older
+        harnesses (fewer fields) still read.
+
+        Example:
+            >>> Method.from_dict({"compression": "qsgd", "bits": 4, "local_steps": 8}).bits
+            4
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in names and v is not None})
+
     @property
     def mixes_locally(self) -> bool:
         """Whether the workers' models differ between rounds (gossip, Overlap-Local-SGD), so
@@ -75,16 +96,24 @@ class Method:
         k = {"qpr": qpr_k, "pr": pr_k}.get(self.uses_k, self.local_steps)
         return dataclasses.replace(self, local_steps=k)
 
-    def compressor(self) -> object:
-        if self.compression == "qsgd":
-            return hvd_qpr.Compression.qsgd(bits=self.bits, elias=self.elias)
-        if self.approximate:
-            return hvd_qpr.Compression.from_name(
-                self.compression, ratio=self.ratio, approximate=True
-            )
+    def compressor(self) -> Compressor:
+        """hvd_qpr's compressor of this method, built by name with the fields given (for
+        Horovod's fp16 the hvd_qpr cast, which sends the same bytes).
+
+        Example:
+            >>> Method(compression="qsgd", bits=2).compressor().payload_bytes(512)
+            132.0
+        """
+        kwargs: dict[str, object] = {}
+        if self.bits is not None:
+            kwargs["bits"] = self.bits
+        if self.elias:
+            kwargs["elias"] = True
         if self.ratio is not None:
-            return hvd_qpr.Compression.from_name(self.compression, ratio=self.ratio)
-        return hvd_qpr.Compression.from_name(self.compression)
+            kwargs["ratio"] = self.ratio
+        if self.approximate:
+            kwargs["approximate"] = True
+        return hvd_qpr.Compression.from_name(self.compression, **kwargs)
 
     def wrap(
         self,

@@ -72,7 +72,7 @@ def main() -> None:
     hvd.init()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    m = Method(**json.loads(args.spec))
+    m = Method.from_dict(json.loads(args.spec))
     data = workload(args.workload, args.hidden)
     model = data.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)

@@ -9,13 +9,15 @@ synchronization round and one epoch of each method for M = 2 .. 1024 workers at 
 
 * ``round = K * compute_per_step + codec + comm``, where ``comm`` is
   :func:`hvd_qpr.collectives.estimate_seconds` of the mode and compressor, and ``codec`` the
-  quantize / dequantize passes that mode performs (:data:`CODEC_PASSES`) at the measured
-  single-thread native throughput;
+  quantize / dequantize passes that mode performs (its record's ``codec_passes`` in
+  :data:`hvd_qpr.collectives.MODES`) at the measured single-thread native throughput;
 * ``epoch = dataset_steps / M / K * round``: a fixed dataset of ``dataset_steps`` mini-batches is
   split among M workers.
 
 It then checks the model against the network-simulation harness (``netsim_*.json``: measured
 seconds per step at M = 2 and 4) and reports the prediction error, and plots the projections.
+A method is the harness's own :class:`netsim_methods.Method`: the projected ones are built here,
+the harness's are read back from its result files with :meth:`~netsim_methods.Method.from_dict`.
 
 Inputs and outputs (``--out-dir``): ``scale_model.json`` (every prediction and the validation),
 ``scale_epoch_{1,10,100}gbit.png`` (epoch time against M, log-log),
@@ -36,22 +38,24 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from netsim_methods import Method  # noqa: E402
 from results_md import update_results_md  # noqa: E402
 
 from hvd_qpr.collectives import (
     Link,
+    aggregation_mode,
     choose_aggregation,
     estimate_seconds,
     estimate_wire_bytes,
     feasible_aggregations,
 )
-from hvd_qpr.compression import Compression, Compressor
+from hvd_qpr.compression import Compressor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS: tuple[int, ...] = tuple(2**k for k in range(1, 11))
@@ -68,71 +72,19 @@ DEFAULT_COMPUTE_MS = 100.0
 DEFAULT_LATENCY_US = 100.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """One training method, as the harness's ``spec`` records it.
-
-    Attributes:
-        optimizer: ``"horovod"`` or ``"hvd_qpr"``.
-        compression: ``"none"``, ``"fp16"``, ``"bf16"``, ``"qsgd"`` or another registered
-            compressor name (built with its defaults, and ``ratio`` for a sparsifier).
-        bits: QSGD bits a value (None otherwise).
-        elias: whether QSGD levels are Elias-coded.
-        local_steps: K, local steps between synchronizations.
-        aggregation: one of :data:`hvd_qpr.collectives.AGGREGATIONS` or ``"auto"``.
-        error_feedback: whether residuals are fed back (one more decode in some modes).
-        ratio: a sparsifier's density (its default when None).
-        approximate: Top-k's sampled-threshold selection.
-
-    Example:
-        >>> Spec.from_dict({"compression": "qsgd", "bits": 4, "local_steps": 8}).bits
-        4
-    """
-
-    optimizer: str = "hvd_qpr"
-    compression: str = "none"
-    bits: int | None = None
-    elias: bool = False
-    local_steps: int = 1
-    aggregation: str = "allreduce"
-    error_feedback: bool = False
-    ratio: float | None = None
-    approximate: bool = False
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> Spec:
-        """The spec of a harness method (unknown keys ignored, missing ones defaulted)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in spec.items() if k in names and v is not None})
-
-
-# The projected methods: (name, spec); the QPR-SGD rows are expanded over QPR_MODES, the sparse
-# ones over SPARSE_MODES. K = 16 as the bandwidth-limited harness runs them by default; Top-k at
-# K = 1 on gradients, as in the gTop-k paper (Shi et al., ICDCS 2019).
-METHODS: tuple[tuple[str, Spec], ...] = (
-    ("parallel SGD fp32", Spec(optimizer="horovod")),
-    ("parallel SGD fp16", Spec(optimizer="horovod", compression="fp16")),
-    ("PR-SGD", Spec(local_steps=16)),
-    ("QPR-SGD 4-bit", Spec(compression="qsgd", bits=4, local_steps=16)),
-    ("QPR-SGD 2-bit", Spec(compression="qsgd", bits=2, local_steps=16)),
-    (
-        "Top-k 0.001 EF",
-        Spec(compression="topk", ratio=0.001, approximate=True, error_feedback=True),
+# The projected methods, named as their rows; the QPR-SGD ones are expanded over QPR_MODES, the
+# sparse one over SPARSE_MODES. K = 16 as the bandwidth-limited harness runs them by default;
+# Top-k at K = 1 on gradients, as in the gTop-k paper (Shi et al., ICDCS 2019).
+METHODS: tuple[Method, ...] = (
+    Method("parallel SGD fp32", "horovod", aggregation="allreduce"),
+    Method("parallel SGD fp16", "horovod", compression="fp16", aggregation="allreduce"),
+    Method("PR-SGD", local_steps=16, aggregation="allreduce"),
+    Method("QPR-SGD 4-bit", compression="qsgd", bits=4, local_steps=16),
+    Method("QPR-SGD 2-bit", compression="qsgd", bits=2, local_steps=16),
+    Method(
+        "Top-k 0.001 EF", compression="topk", ratio=0.001, approximate=True, error_feedback=True
     ),
 )
-
-# Codec work of one round per mode, in multiples of n values, as functions of M and error
-# feedback: (quantize only, quantize + encode, decode), where encode/decode include the Elias
-# coder when the spec has one. packed-sum quantizes twice (once for this worker's bucket scales,
-# once against the agreed ones) and decodes the summed fields once; scatter-gather encodes n and
-# requantizes its n/M chunk, decodes n received and n gathered values; allgather decodes all M
-# payloads. With error feedback packed-sum and scatter-gather decode their own payload too.
-CODEC_PASSES: dict[str, Callable[[int, bool], tuple[float, float, float]]] = {
-    "allreduce": lambda m, ef: (0.0, 0.0, 0.0),
-    "packed-sum": lambda m, ef: (1.0, 1.0, 1.0 + ef),
-    "scatter-gather": lambda m, ef: (0.0, 1.0 + 1.0 / m, 2.0 + ef),
-    "allgather": lambda m, ef: (0.0, 1.0, float(m)),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,71 +239,55 @@ def load_select_throughput(path: str | Path | None) -> dict[str, dict[float, flo
     return out
 
 
-def build_compressor(spec: Spec) -> Compressor:
-    """The compressor a spec names (Horovod's fp16 sends what ``Compression.fp16`` sends).
-
-    Example:
-        >>> build_compressor(Spec(compression="qsgd", bits=2)).payload_bytes(512)
-        132.0
-    """
-    if spec.compression == "qsgd":
-        return Compression.qsgd(bits=spec.bits or 4, elias=spec.elias)
-    if spec.compression in ("none", "fp16", "bf16"):
-        return getattr(Compression, spec.compression)
-    kwargs: dict[str, Any] = {} if spec.ratio is None else {"ratio": spec.ratio}
-    if spec.approximate:
-        kwargs["approximate"] = True
-    return Compression.from_name(spec.compression, **kwargs)
-
-
-def resolve_mode(spec: Spec, compressor: Compressor, numel: int, workers: int, link: Link) -> str:
+def resolve_mode(
+    method: Method, compressor: Compressor, numel: int, workers: int, link: Link
+) -> str:
     """The aggregation that runs: ``"auto"`` resolved by the optimizer's own cost model.
 
     Raises:
         ValueError: the mode is not feasible for the compressor.
 
     Example:
-        >>> resolve_mode(Spec(), Compression.none, 10**6, 4, Link())
+        >>> resolve_mode(Method(), Method().compressor(), 10**6, 4, Link())
         'allreduce'
     """
-    if spec.aggregation == "auto":
+    if method.aggregation == "auto":
         return choose_aggregation(compressor, numel, workers, link)
-    if spec.aggregation not in feasible_aggregations(compressor):
-        raise ValueError(f"aggregation {spec.aggregation!r} is not feasible for {compressor}")
-    return spec.aggregation
+    if method.aggregation not in feasible_aggregations(compressor):
+        raise ValueError(f"aggregation {method.aggregation!r} is not feasible for {compressor}")
+    return method.aggregation
 
 
 def codec_seconds(
-    mode: str, spec: Spec, numel: int, workers: int, throughput: KernelThroughput
+    mode: str, method: Method, numel: int, workers: int, throughput: KernelThroughput
 ) -> float:
-    """Seconds one worker spends quantizing and decoding in one round (:data:`CODEC_PASSES`).
+    """Seconds one worker spends quantizing and decoding in one round (the mode record's
+    ``codec_passes``, :data:`hvd_qpr.collectives.MODES`).
 
     Example:
         >>> kt = KernelThroughput({"quantize": {4: 1e-9}, "dequantize": {4: 1e-9}})
-        >>> codec_seconds("allgather", Spec(compression="qsgd", bits=4), 1000, 4, kt)
+        >>> codec_seconds("allgather", Method(compression="qsgd", bits=4), 1000, 4, kt)
         5e-06
     """
-    if spec.compression == "topk" and mode in SPARSE_MODES:
+    if method.compression == "topk" and mode in SPARSE_MODES:
         # one selection a round; merging and scattering k·log M or k·M entries is left out
-        return throughput.select_seconds(spec.approximate, spec.ratio or 0.01, numel)
-    quantize_only, encoded, decoded = CODEC_PASSES.get(mode, CODEC_PASSES["allreduce"])(
-        workers, spec.error_feedback
-    )
-    if spec.compression != "qsgd" or encoded + decoded == 0:
+        return throughput.select_seconds(method.approximate, method.ratio or 0.01, numel)
+    passes = aggregation_mode(mode).codec_passes(workers, method.error_feedback)
+    quantize_only, encoded, decoded = passes
+    if method.compression != "qsgd" or encoded + decoded == 0:
         return 0.0
-    bits = spec.bits or 4
+    bits = method.bits or 4
     encode = throughput.seconds("quantize", bits, numel)
     decode = throughput.seconds("dequantize", bits, numel)
     plain = encode
-    if spec.elias:
+    if method.elias:
         encode += throughput.seconds("elias_encode", bits, numel)
         decode += throughput.seconds("elias_decode", bits, numel)
     return quantize_only * plain + encoded * encode + decoded * decode
 
 
 def predict_round(
-    name: str,
-    spec: Spec,
+    method: Method,
     workers: int,
     link: Link,
     workload: Workload,
@@ -360,8 +296,7 @@ def predict_round(
     """One synchronization round (K local steps, codec, communication) and the epoch it implies.
 
     Args:
-        name: the method's name, carried into the result.
-        spec: what runs.
+        method: what runs; its name is carried into the result.
         workers: M.
         link: bandwidth (bytes/s) and latency of each worker's link.
         workload: parameters, compute per step, dataset size.
@@ -372,25 +307,25 @@ def predict_round(
 
     Example:
         >>> kt = KernelThroughput({"quantize": {4: 1e-9}, "dequantize": {4: 1e-9}})
-        >>> p = predict_round("PR-SGD", Spec(local_steps=8), 4, Link(), Workload(), kt)
+        >>> p = predict_round(Method("PR-SGD", local_steps=8), 4, Link(), Workload(), kt)
         >>> p.compute_seconds
         0.8
     """
     n = workload.parameters
-    compressor = build_compressor(spec)
-    chosen = resolve_mode(spec, compressor, n, workers, link)
-    compute = spec.local_steps * workload.compute_per_step
-    codec = codec_seconds(chosen, spec, n, workers, throughput)
+    compressor = method.compressor()
+    chosen = resolve_mode(method, compressor, n, workers, link)
+    compute = method.local_steps * workload.compute_per_step
+    codec = codec_seconds(chosen, method, n, workers, throughput)
     comm = estimate_seconds(chosen, compressor, n, workers, link)
     round_seconds = compute + codec + comm
-    rounds = workload.dataset_steps / workers / spec.local_steps
+    rounds = workload.dataset_steps / workers / method.local_steps
     return Prediction(
-        method=name,
-        mode=spec.aggregation,
+        method=method.name,
+        mode=method.aggregation,
         chosen=chosen,
         workers=workers,
         bandwidth_gbit=round(link.bandwidth * 8 / 1e9, 9),
-        local_steps=spec.local_steps,
+        local_steps=method.local_steps,
         compute_seconds=compute,
         codec_seconds=codec,
         comm_seconds=comm,
@@ -400,17 +335,18 @@ def predict_round(
     )
 
 
-def projected_methods() -> list[tuple[str, Spec]]:
-    """:data:`METHODS` with each quantized method under every mode of :data:`QPR_MODES`.
+def projected_methods() -> list[Method]:
+    """:data:`METHODS` with each quantized method under every mode of :data:`QPR_MODES` (the
+    sparse one under every mode of :data:`SPARSE_MODES`).
 
     Example:
         >>> len(projected_methods())
         13
     """
-    out: list[tuple[str, Spec]] = []
-    for name, spec in METHODS:
-        modes = {"qsgd": QPR_MODES, "topk": SPARSE_MODES}.get(spec.compression, (spec.aggregation,))
-        out += [(name, dataclasses.replace(spec, aggregation=mode)) for mode in modes]
+    out: list[Method] = []
+    for m in METHODS:
+        modes = {"qsgd": QPR_MODES, "topk": SPARSE_MODES}.get(m.compression, (m.aggregation,))
+        out += [dataclasses.replace(m, aggregation=mode) for mode in modes]
     return out
 
 
@@ -428,9 +364,9 @@ def sweep(
         390
     """
     return [
-        predict_round(name, spec, m, Link(gbit * 1e9 / 8, workload.latency), workload, throughput)
+        predict_round(method, m, Link(gbit * 1e9 / 8, workload.latency), workload, throughput)
         for gbit in bandwidths_gbit
-        for name, spec in projected_methods()
+        for method in projected_methods()
         for m in workers
     ]
 
@@ -462,7 +398,7 @@ def baseline_compute_per_step(result: dict[str, Any]) -> float | None:
     methods = [m for m in methods if m.get("compute_seconds") is not None]
 
     def rank(m: dict[str, Any]) -> tuple[bool, bool, bool]:
-        spec = Spec.from_dict(m.get("spec", {}))
+        spec = Method.from_dict(m.get("spec", {}))
         return (spec.local_steps != 1, spec.compression != "none", spec.optimizer != "horovod")
 
     if not methods:
@@ -535,19 +471,19 @@ def validate(
     )
     link = Link(config["bandwidth_mbit"] * 1e6 / 8, workload.latency)
     rows = []
-    for name, method in result["methods"].items():
-        if not method.get("steps"):  # stopped before its first step: nothing measured
+    for name, run in result["methods"].items():
+        if not run.get("steps"):  # stopped before its first step: nothing measured
             continue
-        if method["spec"].get("topology") or method["spec"].get("overlap"):
+        method = dataclasses.replace(Method.from_dict(run["spec"]), name=name)
+        if method.mixes_locally:
             continue  # gossip and Overlap-Local-SGD are not in the ring all-reduce cost model
-        spec = Spec.from_dict(method["spec"])
-        p = predict_round(name, spec, config["workers"], link, workload, throughput)
-        predicted = p.round_seconds / spec.local_steps
-        measured = method["wall_seconds"] / method["steps"]
+        p = predict_round(method, config["workers"], link, workload, throughput)
+        predicted = p.round_seconds / method.local_steps
+        measured = run["wall_seconds"] / run["steps"]
         rows.append(
             {
                 "method": name,
-                "mode": spec.aggregation,
+                "mode": method.aggregation,
                 "chosen": p.chosen,
                 "workers": config["workers"],
                 "bandwidth_mbit": config["bandwidth_mbit"],
@@ -670,7 +606,7 @@ def markdown_report(
 
 def line_style(method: str, mode: str) -> dict[str, Any]:
     """Colour by method, line style by aggregation mode."""
-    colours = {name: f"C{i}" for i, (name, _) in enumerate(METHODS)}
+    colours = {m.name: f"C{i}" for i, m in enumerate(METHODS)}
     dashes = {
         "allreduce": "-",
         "packed-sum": "-",

@@ -2,8 +2,10 @@
 
 The native kernels (QSGD quantization, bit-packing, Elias coding) are in :mod:`hvd_qpr.ops`;
 their pure-PyTorch definitions in :mod:`hvd_qpr.reference`; compressors in
-:mod:`hvd_qpr.compression`; the optimizer in :mod:`hvd_qpr.optimizer`, with gossip topologies in
-:mod:`hvd_qpr.gossip` and Overlap-Local-SGD in :mod:`hvd_qpr.overlap`.
+:mod:`hvd_qpr.compression`; how bytes move in :mod:`hvd_qpr.collectives`; the paradigms'
+averagers in :mod:`hvd_qpr.averaging` (ring all-reduce), :mod:`hvd_qpr.gossip` (over
+:mod:`hvd_qpr.topology`) and :mod:`hvd_qpr.overlap`; the optimizer that wires them in
+:mod:`hvd_qpr.optimizer` (README.md, "Architecture").
 """
 
 import importlib
@@ -18,9 +20,9 @@ _LAZY = {
     "Compressor": "hvd_qpr.compression",
     "CompressorTraits": "hvd_qpr.compression",
     "ErrorFeedback": "hvd_qpr.compression",
-    "Topology": "hvd_qpr.gossip",
-    "consensus_distance": "hvd_qpr.gossip",
-    "make_topology": "hvd_qpr.gossip",
+    "Topology": "hvd_qpr.topology",
+    "consensus_distance": "hvd_qpr.topology",
+    "make_topology": "hvd_qpr.topology",
     "DistributedOptimizer": "hvd_qpr.optimizer",
 }
 

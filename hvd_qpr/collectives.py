@@ -31,15 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 
 import horovod.torch as hvd
 import torch
 
-from hvd_qpr.compression.base import Compressor, Segments
+from hvd_qpr.compression.base import Compressor, CompressorTraits, Segments
+from hvd_qpr.compression.sparse import decode_sparse, encode_sparse
 from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
 
-AGGREGATIONS = ("allreduce", "packed-sum", "scatter-gather", "allgather", "gtopk")
 # scatter-gather quantizes twice, and requantizing the average adds about as much variance as all
 # M first quantizations together (each contributes 1/M of its own to the mean). Its estimated time
 # counts double when choosing, so one quantization wins unless it costs twice the time.
@@ -47,7 +47,7 @@ SECOND_QUANTIZATION_PENALTY = 2.0
 _WORD_BITS = 63  # fields per int64 word stay below the sign bit, so sums never overflow
 
 # A pipeline yields the (kind, handle) of the collective it launched and waits on it when resumed.
-Pipeline = Generator[tuple[str, int], None, torch.Tensor]
+Pipeline = Generator[tuple[str, object], None, object]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +94,88 @@ def ring_allreduce_wire_bytes(nbytes: float, world_size: int) -> float:
     return 2 * (world_size - 1) / world_size * nbytes
 
 
-class Comm:
-    """Horovod's asynchronous collectives on one process set, counting bytes and waiting time."""
+class HorovodBackend:
+    """Horovod's asynchronous collectives on one process set: the transport under :class:`Comm`.
 
-    def __init__(self, process_set: hvd.ProcessSet, stats: CommStats | None = None) -> None:
+    Another backend (the in-process one of the unit tests) has the same attributes and methods:
+    ``size``, ``rank``, ``included``, ``allreduce_async_``, ``allgather_async``,
+    ``alltoall_async``, ``poll`` and ``synchronize``, with Horovod's meaning.
+    """
+
+    def __init__(self, process_set: hvd.ProcessSet) -> None:
         self.process_set = process_set
+
+    @property
+    def included(self) -> bool:
+        return bool(self.process_set.included())
+
+    @property
+    def size(self) -> int:
+        return self.process_set.size() if self.included else 1
+
+    @property
+    def rank(self) -> int:
+        return self.process_set.rank() if self.included else 0
+
+    def allreduce_async_(
+        self,
+        tensor: torch.Tensor,
+        name: str,
+        op: object,
+        prescale_factor: float,
+        postscale_factor: float,
+    ) -> object:
+        return hvd.allreduce_async_(
+            tensor,
+            name=name,
+            op=op,
+            prescale_factor=prescale_factor,
+            postscale_factor=postscale_factor,
+            process_set=self.process_set,
+        )
+
+    def allgather_async(self, tensor: torch.Tensor, name: str) -> object:
+        return hvd.allgather_async(tensor, name=name, process_set=self.process_set)
+
+    def alltoall_async(self, tensor: torch.Tensor, splits: torch.Tensor, name: str) -> object:
+        return hvd.alltoall_async(tensor, splits=splits, name=name, process_set=self.process_set)
+
+    def poll(self, handle: object) -> bool:
+        return bool(hvd.poll(handle))
+
+    def synchronize(self, handle: object) -> object:
+        return hvd.synchronize(handle)
+
+
+class Comm:
+    """Asynchronous collectives on one backend (Horovod's process set by default), counting bytes
+    and waiting time (DESIGN.md 2.3). Every byte the library sends goes through one of these.
+
+    Example:
+        >>> comm = Comm(hvd.global_process_set)
+        >>> total = comm.wait(comm.allreduce_(torch.ones(3), "x"))
+    """
+
+    def __init__(
+        self, process_set: hvd.ProcessSet | object, stats: CommStats | None = None
+    ) -> None:
+        self.backend = (
+            HorovodBackend(process_set) if isinstance(process_set, hvd.ProcessSet) else process_set
+        )
         self.stats = stats if stats is not None else CommStats()
 
     @property
     def size(self) -> int:
-        return self.process_set.size()
+        return self.backend.size
 
     @property
     def rank(self) -> int:
-        return self.process_set.rank()
+        return self.backend.rank
+
+    @property
+    def included(self) -> bool:
+        """Whether this worker takes part (a process set may leave it out)."""
+        return self.backend.included
 
     def _count(self, payload: int, wire: float) -> None:
         self.stats.payload_bytes += payload
@@ -121,47 +189,37 @@ class Comm:
         op: object = hvd.Sum,
         prescale_factor: float = 1.0,
         postscale_factor: float = 1.0,
-    ) -> tuple[str, int]:
+    ) -> tuple[str, object]:
         """In-place asynchronous all-reduce (ring: 2(M-1)/M of the payload on the wire)."""
         nbytes = tensor.numel() * tensor.element_size()
         self._count(nbytes, ring_allreduce_wire_bytes(nbytes, self.size))
-        handle = hvd.allreduce_async_(
-            tensor,
-            name=name,
-            op=op,
-            prescale_factor=prescale_factor,
-            postscale_factor=postscale_factor,
-            process_set=self.process_set,
-        )
+        handle = self.backend.allreduce_async_(tensor, name, op, prescale_factor, postscale_factor)
         return ("allreduce", handle)
 
-    def allgather(self, tensor: torch.Tensor, name: str) -> tuple[str, int]:
+    def allgather(self, tensor: torch.Tensor, name: str) -> tuple[str, object]:
         """Asynchronous allgather; wire bytes are counted when the gathered size is known."""
         self._count(tensor.numel() * tensor.element_size(), 0.0)
-        return ("allgather", hvd.allgather_async(tensor, name=name, process_set=self.process_set))
+        return ("allgather", self.backend.allgather_async(tensor, name))
 
-    def alltoall(self, tensor: torch.Tensor, splits: Sequence[int], name: str) -> tuple[str, int]:
+    def alltoall(
+        self, tensor: torch.Tensor, splits: Sequence[int], name: str
+    ) -> tuple[str, object]:
         """Asynchronous alltoall; the wire carries what is addressed to the other ranks."""
-        elem = tensor.element_size()
-        total = tensor.numel() * elem
-        self._count(total, total - splits[self.rank] * elem)
-        handle = hvd.alltoall_async(
-            tensor,
-            splits=torch.tensor(list(splits), dtype=torch.int32),
-            name=name,
-            process_set=self.process_set,
-        )
-        return ("alltoall", handle)
+        # splits count rows (Horovod's meaning), of all but the first dimension's values
+        row = tensor.element_size() * (tensor[0].numel() if tensor.dim() > 1 else 1)
+        total = tensor.numel() * tensor.element_size()
+        self._count(total, total - splits[self.rank] * row)
+        split_tensor = torch.tensor(list(splits), dtype=torch.int32)
+        return ("alltoall", self.backend.alltoall_async(tensor, split_tensor, name))
 
-    @staticmethod
-    def ready(pending: tuple[str, int]) -> bool:
+    def ready(self, pending: tuple[str, object]) -> bool:
         """Whether a launched collective has completed (a wait on it would not block)."""
-        return bool(hvd.poll(pending[1]))
+        return self.backend.poll(pending[1])
 
-    def wait(self, pending: tuple[str, int]) -> object:
+    def wait(self, pending: tuple[str, object]) -> object:
         kind, handle = pending
         start = time.perf_counter()
-        out = hvd.synchronize(handle)
+        out = self.backend.synchronize(handle)
         self.stats.wait_seconds += time.perf_counter() - start
         if kind == "allgather":
             m = self.size
@@ -169,22 +227,66 @@ class Comm:
         return out
 
 
+def gather(pipelines: Iterable[Pipeline]) -> Pipeline:
+    """Runs pipelines together as one: all launch before any waits, then one phase of each at
+    a time (so Horovod fuses them); yields every collective before waiting on it and returns
+    their results in order. A round of an averager is built from these.
+
+    Example:
+        >>> means = run(gather([aggregate("allgather", x, qsgd, comm, "b0", [], 1)]))
+    """
+    flight = InFlight(pipelines)
+    return (yield from flight.finish())
+
+
+def launch(pipeline: Pipeline) -> Pipeline:
+    """Starts a pipeline now (its first collective is launched) and returns it as a pipeline
+    that has not started: its first ``next()`` yields that collective without waiting, so it
+    can join :func:`gather` later like any other. Gradients launch from their hooks this way."""
+    try:
+        pending = next(pipeline)
+    except StopIteration as done:
+        return _returning(done.value)
+    return _resumed(pending, pipeline)
+
+
+def _resumed(pending: tuple[str, object], pipeline: Pipeline) -> Pipeline:
+    yield pending
+    return (yield from pipeline)
+
+
+def _returning(value: object) -> Pipeline:
+    return value
+    yield
+
+
+def run(round_: Pipeline) -> object:
+    """Drives a generator of collectives to its end against a blocking backend (Horovod): each
+    collective it yields is waited on when it resumes. The in-process communicator of the
+    unit tests drives M of them in lockstep instead."""
+    while True:
+        try:
+            next(round_)
+        except StopIteration as done:
+            return done.value
+
+
 class InFlight:
     """Pipelines launched together and advanced without blocking: :meth:`poll` resumes each one
-    whose collective has completed (so it launches its next stage, or returns), :meth:`wait`
+    whose collective has completed (so it launches its next stage, or returns), :meth:`finish`
     runs all to their end. Overlap-Local-SGD keeps one of these across local steps.
 
     Example:
         >>> flight = InFlight([aggregate("allgather", x, qsgd, comm, "b0", [], 1)])
-        >>> while not flight.poll():
+        >>> while not flight.poll(comm):
         ...     train_one_step()
-        >>> (mean,) = flight.wait()
+        >>> (mean,) = run(flight.finish())
     """
 
     def __init__(self, pipelines: Iterable[Pipeline]) -> None:
         self._active = list(pipelines)
         self._results: list[torch.Tensor | None] = [None] * len(self._active)
-        self._pending: dict[int, tuple[str, int]] = {}
+        self._pending: dict[int, tuple[str, object]] = {}
         for i in range(len(self._active)):
             self._resume(i)
 
@@ -195,24 +297,26 @@ class InFlight:
             self._pending.pop(i, None)
             self._results[i] = done.value
 
-    def poll(self) -> bool:
+    def poll(self, comm: Comm) -> bool:
         """Advances every pipeline whose collective is done; whether all have finished."""
         for i in list(self._pending):
-            while i in self._pending and Comm.ready(self._pending[i]):
+            while i in self._pending and comm.ready(self._pending[i]):
                 self._resume(i)
         return not self._pending
 
-    def wait(self) -> list[torch.Tensor]:
-        """Runs every pipeline to its end, one phase of each at a time; their results in order."""
+    def finish(self) -> Pipeline:
+        """Runs every pipeline to its end, one phase of each at a time, yielding each collective
+        before it is waited on; their results in order."""
         while self._pending:
             for i in list(self._pending):
+                yield self._pending[i]
                 self._resume(i)
-        return self._results  # type: ignore[return-value]
+        return self._results
 
 
 def run_pipelines(pipelines: Iterable[Pipeline]) -> list[torch.Tensor]:
     """Advances every pipeline one phase at a time (all launch before any waits); their results."""
-    return InFlight(pipelines).wait()
+    return run(gather(pipelines))
 
 
 def finish(pipeline: Pipeline) -> torch.Tensor:
@@ -305,6 +409,16 @@ def decode_frame(compressor: Compressor, frame: torch.Tensor, numel: int) -> tor
     return compressor.decode(body, numel)
 
 
+def raw_frame(body: torch.Tensor) -> torch.Tensor:
+    """Bytes that need no decoding (exact values in their own dtype, a scale) as one frame."""
+    return _frame(_KIND_RAW, body)
+
+
+def frame_body(frame: torch.Tensor) -> torch.Tensor:
+    """The bytes a frame carries."""
+    return frame[_FRAME_HEADER:]
+
+
 def frame_is_raw(frame: torch.Tensor) -> bool:
     return int(frame[0]) == _KIND_RAW
 
@@ -336,7 +450,8 @@ def allreduce_dense(
     corrected = x
     if compressor.needs_residual:
         corrected = compressor.add_residual(x, segments).view_as(x).to(x.dtype)
-    payload, ctx = compressor.compress(corrected)
+    # the residual was added here, by segment: the wrapped compressor's own compress()
+    payload, ctx = compressor.without_residuals.compress(corrected)
     if compressor.needs_residual:
         compressor.store_residual(corrected, compressor.decompress(payload.clone(), ctx), segments)
     pending = comm.allreduce_(payload, name, op, prescale_factor, postscale_factor)
@@ -460,21 +575,6 @@ def allgather(
 # ---- gTop-k -------------------------------------------------------------------------------------
 
 
-def _sparse_bytes(index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return torch.cat([index.to(torch.int32).view(torch.uint8), value.view(torch.uint8)])
-
-
-def _sparse_entries(payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if payload.numel() % 8:
-        raise ValueError(f"gtopk: a sparse payload of {payload.numel()} bytes")
-    k = payload.numel() // 8
-    body = payload.clone()
-    index = body[: 4 * k].view(torch.int32).to(torch.int64)
-    if k and (int(index.min()) < 0 or int(index.max()) >= numel):
-        raise ValueError(f"gtopk: a payload index lies outside 0..{numel - 1}")
-    return index, body[4 * k :].view(torch.float32)
-
-
 def merge_topk(
     first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,7 +639,7 @@ def gtopk(
     current = mine
     for step, (send_to, receive_from, merge) in enumerate(gtopk_schedule(rank, m)):
         payload = (
-            _sparse_bytes(*current) if send_to is not None else flat.new_zeros(0, dtype=torch.uint8)
+            encode_sparse(*current) if send_to is not None else flat.new_zeros(0, dtype=torch.uint8)
         )
         splits = [0] * m
         if send_to is not None:
@@ -550,7 +650,7 @@ def gtopk(
         data = received[0] if isinstance(received, tuple) else received
         if receive_from is None:
             continue
-        theirs = _sparse_entries(data, n)
+        theirs = decode_sparse(data, n, owner="gtopk")  # merged payloads may hold < k
         if merge:
             pair = (current, theirs) if rank < receive_from else (theirs, current)
             current = merge_topk(*pair, k)
@@ -566,6 +666,179 @@ def gtopk(
     return out / m if average else out
 
 
+# ---- aggregation modes: one record each ---------------------------------------------------------
+
+# Message steps of one collective of each kind on M workers, each paying the link's latency once:
+# a ring all-reduce 2(M-1) (reduce-scatter, then allgather), a ring allgather M-1, an alltoall
+# M-1 messages, a pairwise exchange (an alltoall with one non-zero split) one.
+LATENCY_STEPS: dict[str, Callable[[int], int]] = {
+    "allreduce": lambda m: 2 * (m - 1),
+    "allgather": lambda m: m - 1,
+    "alltoall": lambda m: m - 1,
+    "exchange": lambda m: 1,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationMode:
+    """Everything the library and the scale model (benchmarks/scale_model.py) know of one
+    aggregation mode: :func:`aggregate`, :func:`estimate_wire_bytes`, :func:`estimate_seconds`,
+    :func:`feasible_aggregations` and :func:`choose_aggregation` read it. Adding a mode is adding
+    one record to :data:`MODES`.
+
+    Attributes:
+        name: what ``aggregation=`` calls it.
+        pipeline: the generator function. A compressed mode's is called by :func:`aggregate` as
+            ``pipeline(x, compressor, comm, name, segments, seed, average)``; a ``dense`` one has
+            :func:`allreduce_dense`'s signature (Horovod's op and scale factors instead of seed
+            and average) and runs on the dense path, never through :func:`aggregate`.
+        wire_bytes: ``(compressor, numel, M) -> bytes`` one worker sends to aggregate numel
+            values on M >= 2 workers (DESIGN.md 2.3's wire bytes).
+        collectives: ``M -> kinds`` (keys of :data:`LATENCY_STEPS`) of the dependent collectives
+            one worker launches in a round, in order: each waits for the one before.
+        codec_passes: ``(M, error_feedback) -> (quantize only, quantize + encode, decode)`` of
+            one round, in multiples of n values.
+        feasible: ``CompressorTraits -> bool``: whether :func:`feasible_aggregations` offers the
+            mode (to ``"auto"`` and to a user's choice) for a compressor with those traits.
+        preference: :func:`feasible_aggregations` lists modes by it, lowest first (ties in
+            :data:`MODES` order), so :func:`choose_aggregation` breaks ties towards the lower.
+        needs: traits (names of :class:`CompressorTraits` fields) the pipeline cannot run
+            without; :func:`aggregate` refuses a compressor that lacks one.
+        requantizes: quantizes twice, so :func:`choose_aggregation` counts its time
+            :data:`SECOND_QUANTIZATION_PENALTY` times.
+        dense: a sum-compatible payload all-reduced as is (see ``pipeline``).
+
+    Example:
+        >>> MODES["scatter-gather"].collectives(4), MODES["scatter-gather"].latency_steps(4)
+        (('alltoall', 'allgather'), 6)
+    """
+
+    name: str
+    pipeline: Callable[..., Pipeline]
+    wire_bytes: Callable[[Compressor, int, int], float]
+    collectives: Callable[[int], tuple[str, ...]]
+    codec_passes: Callable[[int, bool], tuple[float, float, float]]
+    feasible: Callable[[CompressorTraits], bool]
+    preference: int
+    needs: tuple[str, ...] = ()
+    requantizes: bool = False
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        traits = {f.name for f in dataclasses.fields(CompressorTraits)}
+        if not set(self.needs) <= traits:
+            raise ValueError(
+                f"AggregationMode {self.name!r}: needs {self.needs} names no trait of "
+                f"{sorted(traits)}"
+            )
+
+    def latency_steps(self, world_size: int) -> int:
+        """Message steps of this mode's chain of collectives on world_size workers."""
+        return sum(LATENCY_STEPS[kind](world_size) for kind in self.collectives(world_size))
+
+
+def _gtopk_exchanges(world_size: int) -> int:
+    """log2 P rounds of recursive doubling, P the largest power of two <= M, two more to fold."""
+    p = 1 << (world_size.bit_length() - 1)
+    return (p.bit_length() - 1) + (2 if world_size > p else 0)
+
+
+def _packed_sum_wire_bytes(compressor: Compressor, numel: int, world_size: int) -> float:
+    """Ring all-reduces of the float32 bucket scales and of the int64 words of fields."""
+    per_word = _WORD_BITS // field_width(compressor.levels_max, world_size)
+    nb = -(-numel // compressor.bucket_size)
+    return ring_allreduce_wire_bytes(4 * nb + 8 * -(-numel // per_word), world_size)
+
+
+def _ring_wire_bytes(compressor: Compressor, numel: int, world_size: int) -> float:
+    """A ring all-reduce's 2(M-1)/M of the payload (scatter-gather moves as much)."""
+    return ring_allreduce_wire_bytes(compressor.payload_bytes(numel), world_size)
+
+
+# Codec passes (the scale model prices them at measured kernel throughput): encode/decode include
+# the Elias coder when the compressor has one. packed-sum quantizes twice (once for this worker's
+# bucket scales, once against the agreed ones) and decodes the summed fields once; scatter-gather
+# encodes n and requantizes its n/M chunk, decodes n received and n gathered values; allgather
+# decodes all M payloads. With error feedback packed-sum and scatter-gather decode their own
+# payload too. A cast (allreduce) is not counted; gTop-k's one Top-k selection a round is priced
+# apart (merging k-entry payloads is left out).
+MODES: dict[str, AggregationMode] = {
+    mode.name: mode
+    for mode in (
+        AggregationMode(
+            name="allreduce",
+            pipeline=allreduce_dense,
+            wire_bytes=_ring_wire_bytes,
+            collectives=lambda m: ("allreduce",),
+            codec_passes=lambda m, ef: (0.0, 0.0, 0.0),
+            feasible=lambda t: t.sum_compatible,
+            preference=0,
+            dense=True,
+        ),
+        AggregationMode(
+            name="packed-sum",
+            pipeline=packed_sum,
+            wire_bytes=_packed_sum_wire_bytes,
+            collectives=lambda m: ("allreduce", "allreduce"),  # the scales, then the fields
+            codec_passes=lambda m, ef: (1.0, 1.0, 1.0 + ef),
+            # fixed-width fields would drop a variable-length (Elias) coding
+            feasible=lambda t: (
+                not t.sum_compatible
+                and t.shared_scale
+                and not (t.variable_length or t.sparse or t.adaptive)
+            ),
+            preference=0,
+            needs=("shared_scale",),
+        ),
+        AggregationMode(
+            name="scatter-gather",
+            pipeline=scatter_gather,
+            wire_bytes=_ring_wire_bytes,
+            collectives=lambda m: ("alltoall", "allgather"),
+            codec_passes=lambda m, ef: (0.0, 1.0 + 1.0 / m, 2.0 + ef),
+            # an adaptive k is one k for the whole tensor: no per-chunk payloads
+            feasible=lambda t: not t.sum_compatible and not t.adaptive,
+            preference=1,
+            requantizes=True,
+        ),
+        AggregationMode(
+            name="allgather",
+            pipeline=allgather,
+            wire_bytes=lambda c, n, m: (m - 1) * c.payload_bytes(n),
+            collectives=lambda m: ("allgather",),
+            codec_passes=lambda m, ef: (0.0, 1.0, float(m)),
+            feasible=lambda t: not t.sum_compatible,
+            preference=2,
+        ),
+        AggregationMode(
+            name="gtopk",
+            pipeline=gtopk,
+            wire_bytes=lambda c, n, m: _gtopk_exchanges(m) * c.payload_bytes(n),
+            collectives=lambda m: ("exchange",) * _gtopk_exchanges(m),
+            codec_passes=lambda m, ef: (0.0, 0.0, 0.0),
+            feasible=lambda t: not t.sum_compatible and (t.sparse or t.adaptive),
+            preference=0,
+        ),
+    )
+}
+AGGREGATIONS: tuple[str, ...] = tuple(MODES)
+
+
+def aggregation_mode(mode: str) -> AggregationMode:
+    """The record of a mode.
+
+    Raises:
+        ValueError: an unknown mode (the message lists the known ones).
+
+    Example:
+        >>> aggregation_mode("allgather").codec_passes(4, False)
+        (0.0, 1.0, 4.0)
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {tuple(MODES)}")
+    return MODES[mode]
+
+
 def aggregate(
     mode: str,
     x: torch.Tensor,
@@ -579,34 +852,31 @@ def aggregate(
     """The pipeline of one compressed (not sum-compatible) aggregation mode over a flat buffer.
 
     Raises:
-        ValueError: an unknown mode, or one the compressor's traits do not allow.
+        ValueError: an unknown mode, a dense one (``"allreduce"``: run :func:`allreduce_dense`),
+            or one whose pipeline needs a trait the compressor lacks.
+
+    Example:
+        >>> mean = finish(aggregate("allgather", x, qsgd, comm, "b0", [("w", x.numel())], seed=1))
     """
-    if mode == "packed-sum" and not compressor.traits.shared_scale:
-        raise ValueError(
-            f"aggregation 'packed-sum' needs a shared-scale compressor, not {compressor}"
-        )
-    fns = {
-        "packed-sum": packed_sum,
-        "scatter-gather": scatter_gather,
-        "allgather": allgather,
-        "gtopk": gtopk,
-    }
-    if mode not in fns:
-        raise ValueError(f"aggregation must be one of {sorted(fns)} here, got {mode!r}")
-    return fns[mode](x, compressor, comm, name, segments, seed, average)
+    record = MODES.get(mode)
+    if record is None or record.dense:
+        compressed = sorted(key for key, r in MODES.items() if not r.dense)
+        raise ValueError(f"aggregation must be one of {compressed} here, got {mode!r}")
+    for trait in record.needs:
+        if not getattr(compressor.traits, trait):
+            raise ValueError(
+                f"aggregation {mode!r} needs a {trait.replace('_', '-')} compressor, "
+                f"not {compressor}"
+            )
+    return record.pipeline(x, compressor, comm, name, segments, seed, average)
 
 
 # ---- cost model ---------------------------------------------------------------------------------
 
 
-def _gtopk_exchanges(world_size: int) -> int:
-    """log2 P rounds of recursive doubling, P the largest power of two <= M, two more to fold."""
-    p = 1 << (world_size.bit_length() - 1)
-    return (p.bit_length() - 1) + (2 if world_size > p else 0)
-
-
 def estimate_wire_bytes(mode: str, compressor: Compressor, numel: int, world_size: int) -> float:
-    """Bytes one worker puts on the wire to aggregate numel values under mode (DESIGN.md 2.3).
+    """Bytes one worker puts on the wire to aggregate numel values under mode (DESIGN.md 2.3):
+    the mode record's ``wire_bytes``, none on one worker.
 
     Ring all-reduce and scatter-gather send 2(M-1)/M of the payload, allgather (M-1) payloads
     (k·M for a sparsifier), gTop-k one k-entry payload per exchange (k·log2 M).
@@ -618,65 +888,50 @@ def estimate_wire_bytes(mode: str, compressor: Compressor, numel: int, world_siz
         ... )
         102.3
     """
-    m = world_size
-    if m == 1:
+    if world_size == 1:
         return 0.0
-    ring = 2 * (m - 1) / m
-    payload = compressor.payload_bytes(numel)
-    if mode in ("allreduce", "scatter-gather"):
-        return ring * payload
-    if mode == "packed-sum":
-        per_word = _WORD_BITS // field_width(compressor.levels_max, m)
-        nb = -(-numel // compressor.bucket_size)
-        return ring * (4 * nb + 8 * -(-numel // per_word))
-    if mode == "allgather":
-        return (m - 1) * payload
-    if mode == "gtopk":
-        return _gtopk_exchanges(m) * payload
-    raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
+    return aggregation_mode(mode).wire_bytes(compressor, numel, world_size)
 
 
 def estimate_seconds(
     mode: str, compressor: Compressor, numel: int, world_size: int, link: Link
 ) -> float:
-    """Seconds one worker spends sending numel values under mode (bandwidth + latency terms).
+    """Seconds one worker spends sending numel values under mode: the wire bytes over the
+    bandwidth, plus a latency for each message step of the mode's chain of collectives.
 
-    A ring all-reduce or allgather takes M-1 latency steps, an alltoall M-1 messages; packed-sum
+    A ring all-reduce takes 2(M-1) latency steps, an allgather or an alltoall M-1; packed-sum
     runs two all-reduces (scales, then fields), scatter-gather an alltoall and an allgather;
     gTop-k one latency per exchange.
+
+    Example:
+        >>> estimate_seconds("allreduce", Compression.fp16, 10**6, 2, Link(1e6, 0.5))
+        3.0
     """
-    m = world_size
-    if m == 1:
+    if world_size == 1:
         return 0.0
-    transfer = estimate_wire_bytes(mode, compressor, numel, m) / link.bandwidth
-    steps = (m - 1) * link.latency
-    latency = {"allreduce": 2 * steps, "packed-sum": 4 * steps, "scatter-gather": 2 * steps}
-    if mode == "allgather":
-        return transfer + steps
-    if mode == "gtopk":
-        return transfer + _gtopk_exchanges(m) * link.latency
-    return transfer + latency[mode]
+    record = aggregation_mode(mode)
+    transfer = record.wire_bytes(compressor, numel, world_size) / link.bandwidth
+    return transfer + record.latency_steps(world_size) * link.latency
 
 
 def feasible_aggregations(compressor: Compressor) -> list[str]:
-    """The modes a compressor's traits allow."""
-    if compressor.traits.sum_compatible:
-        return ["allreduce"]
-    modes = ["scatter-gather", "allgather"]
-    if compressor.traits.adaptive:  # one k for the whole tensor: no per-chunk payloads
-        return ["gtopk", "allgather"]
-    if compressor.traits.sparse:
-        return ["gtopk", *modes]
-    # packed-sum sends fixed-width fields: it would drop a variable-length (Elias) coding
-    traits = compressor.traits
-    return ["packed-sum", *modes] if traits.shared_scale and not traits.variable_length else modes
+    """The modes a compressor's traits allow (each record's ``feasible``), in ``preference``
+    order.
+
+    Example:
+        >>> feasible_aggregations(Compression.qsgd(bits=4))
+        ['packed-sum', 'scatter-gather', 'allgather']
+    """
+    offered = [mode for mode in MODES.values() if mode.feasible(compressor.traits)]
+    return [mode.name for mode in sorted(offered, key=lambda mode: mode.preference)]
 
 
 def choose_aggregation(
     compressor: Compressor, numel: int, world_size: int, link: Link | None = None
 ) -> str:
-    """The feasible mode with the least estimated time (scatter-gather's times
-    SECOND_QUANTIZATION_PENALTY, for its extra quantization error).
+    """The feasible mode with the least estimated time (a requantizing mode's times
+    SECOND_QUANTIZATION_PENALTY, for its extra quantization error); ties go to the earlier in
+    :func:`feasible_aggregations`.
 
     Example:
         >>> choose_aggregation(Compression.qsgd(bits=4), 10**6, 2)
@@ -688,6 +943,6 @@ def choose_aggregation(
 
     def cost(mode: str) -> float:
         t = estimate_seconds(mode, compressor, numel, world_size, link)
-        return t * SECOND_QUANTIZATION_PENALTY if mode == "scatter-gather" else t
+        return t * SECOND_QUANTIZATION_PENALTY if MODES[mode].requantizes else t
 
     return min(feasible_aggregations(compressor), key=cost)

@@ -1,4 +1,4 @@
-"""Gossip-paradigm (Q)PR-SGD: topologies, their mixing matrices, and error-controlled gossip.
+"""Gossip-paradigm (Q)PR-SGD: error-controlled gossip over a topology (:mod:`hvd_qpr.topology`).
 
 Every ``local_steps`` local steps each worker mixes its model only with its neighbours'
 (DESIGN.md 2.4). Sending quantized models and averaging them accumulates the quantization error;
@@ -13,225 +13,52 @@ with the consensus step γ. Whatever Q drops stays in x_i − x̂_i and is sent 
 no error feedback is needed. The seed paper of this project (Jiang & Agrawal, NeurIPS 2018)
 defines QPR-SGD for this serverless paradigm as well as for ring all-reduce.
 
-Neighbour exchange is one ``hvd.alltoall`` a round with non-zero splits only for neighbours.
+Neighbour exchange is one ``hvd.alltoall`` a round with non-zero splits only for neighbours;
+each group's message is one or two frames of :mod:`hvd_qpr.collectives`' one framing format.
+:class:`GossipState` is the public copies and the mixing over flat groups; :class:`Gossip` is
+the averager the optimizer holds, over the model's :class:`~hvd_qpr.layout.Layout`.
 
 Example:
-    >>> t = make_topology("ring", 8)
-    >>> t.neighbors(0, 0)
-    [1, 7]
-    >>> round(t.spectral_gap(), 4)
-    0.1953
+    >>> averager = Gossip(layout, comm, make_topology("ring", 8), gamma=0.47, mode="choco")
+    >>> collectives.run(averager.before_local_step())  # the public copies start from x_0
+    >>> collectives.run(averager.round(0, local_count=16))
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from hvd_qpr.collectives import Comm, Pipeline, decode_frame, encode_frame
+from hvd_qpr.averaging import Averager, Field, Round, check_finite, exact_average, paradigm_fields
+from hvd_qpr.collectives import (
+    Comm,
+    Pipeline,
+    decode_frame,
+    encode_frame,
+    frame_body,
+    raw_frame,
+    split_frames,
+)
+from hvd_qpr.compression import Compression
 from hvd_qpr.compression.base import Compressor
+from hvd_qpr.layout import COMPRESSIBLE, Layout, Part
 from hvd_qpr.seeds import PHASE_SEND, derive_seed
+from hvd_qpr.topology import Topology, consensus_distance, make_topology
 
-TOPOLOGIES = ("ring", "torus", "exponential", "one-peer", "complete")
+__all__ = [
+    "Gossip",
+    "GossipGroup",
+    "GossipState",
+    "Topology",
+    "consensus_distance",
+    "make_topology",
+]
+
 GOSSIP_MODES = ("choco", "quantized-average")
-_TOLERANCE = 1e-6
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Topology:
-    """A communication graph of M workers and its mixing matrices, one per round of its period.
-
-    Every matrix is symmetric and doubly stochastic; ``W[r][i, j] > 0`` for j ≠ i means that in
-    round r workers i and j exchange models, with weight ``W[r][i, j]``.
-
-    Attributes:
-        name: ``"ring"``, ``"torus"``, ``"exponential"``, ``"one-peer"``, ``"complete"`` or
-            ``"matrix"`` (given by the user).
-        matrices: the M×M float64 mixing matrices of one period (one for a static graph).
-
-    Example:
-        >>> t = make_topology("one-peer", 4)
-        >>> t.period, t.neighbors(0, 0), t.neighbors(0, 1)
-        (2, [1], [2])
-    """
-
-    name: str
-    matrices: tuple[torch.Tensor, ...]
-
-    @property
-    def size(self) -> int:
-        """M, the number of workers."""
-        return self.matrices[0].shape[0]
-
-    @property
-    def period(self) -> int:
-        """Rounds after which the graph repeats (1 for a static graph)."""
-        return len(self.matrices)
-
-    def weights(self, round_index: int) -> torch.Tensor:
-        """The mixing matrix W of a round."""
-        return self.matrices[round_index % self.period]
-
-    def neighbors(self, rank: int, round_index: int) -> list[int]:
-        """The workers rank exchanges with in a round, ascending."""
-        row = self.weights(round_index)[rank]
-        return [j for j in range(self.size) if j != rank and row[j] > 0]
-
-    def all_neighbors(self, rank: int) -> list[int]:
-        """Every worker rank exchanges with in some round of the period, ascending."""
-        return sorted({j for r in range(self.period) for j in self.neighbors(rank, r)})
-
-    def spectral_gap(self) -> float:
-        """1 − ‖Π_r W_r − 11ᵀ/M‖₂ over one period: how much one period contracts the spread of the
-        workers' models (1 for exact averaging, near 0 for a poorly connected graph). For a single
-        symmetric W it is 1 − max(|λ₂|, |λ_M|)."""
-        m = self.size
-        product = torch.eye(m, dtype=torch.float64)
-        for w in self.matrices:
-            product = w @ product
-        consensus = torch.full((m, m), 1.0 / m, dtype=torch.float64)
-        return 1.0 - float(torch.linalg.matrix_norm(product - consensus, ord=2))
-
-    def signature(self) -> int:
-        """A checksum of the matrices, compared across ranks before the first round."""
-        data = b"".join(w.contiguous().numpy().tobytes() for w in self.matrices)
-        return zlib.crc32(self.name.encode() + data)
-
-    def describe(self) -> str:
-        """The graph as text: each worker's neighbours and weights, per round of the period.
-
-        Example:
-            >>> print(make_topology("ring", 3).describe().splitlines()[1])
-              0: self 0.333, 1 0.333, 2 0.333
-        """
-        lines = [repr(self)]
-        for r, w in enumerate(self.matrices):
-            if self.period > 1:
-                lines.append(f" round {r} (mod {self.period}):")
-            for i in range(self.size):
-                peers = ", ".join(f"{j} {float(w[i, j]):.3g}" for j in self.neighbors(i, r))
-                lines.append(f"  {i}: self {float(w[i, i]):.3g}, {peers}")
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        degree = len(self.neighbors(0, 0))
-        return (
-            f"Topology({self.name!r}, M={self.size}, degree={degree}, period={self.period}, "
-            f"spectral_gap={self.spectral_gap():.4g})"
-        )
-
-
-def _uniform(size: int, offsets_of: Callable[[int], list[int]]) -> torch.Tensor:
-    """W of a regular graph: 1/(d+1) to self and to each of the d distinct neighbours."""
-    w = torch.zeros(size, size, dtype=torch.float64)
-    for i in range(size):
-        peers = sorted({j % size for j in offsets_of(i)} - {i})
-        for j in [i, *peers]:
-            w[i, j] = 1.0 / (len(peers) + 1)
-    return w
-
-
-def _torus_shape(size: int) -> tuple[int, int]:
-    rows = max((a for a in range(2, math.isqrt(size) + 1) if size % a == 0), default=None)
-    if rows is None:
-        raise ValueError(
-            f"topology 'torus' needs M to be a product of two factors > 1; M={size} is not"
-        )
-    return rows, size // rows
-
-
-def check_mixing_matrix(w: torch.Tensor, size: int) -> torch.Tensor:
-    """A user's mixing matrix as float64, checked: M×M, finite, non-negative, symmetric, rows
-    summing to 1.
-
-    Raises:
-        ValueError: naming the first property that fails.
-    """
-    w = torch.as_tensor(w, dtype=torch.float64).detach().cpu()
-    if w.shape != (size, size):
-        raise ValueError(
-            f"the mixing matrix must be {size}x{size} (M={size}), got {tuple(w.shape)}"
-        )
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("the mixing matrix holds NaN or Inf")
-    if bool((w < 0).any()):
-        raise ValueError("the mixing matrix has negative weights")
-    if not torch.allclose(w, w.T, atol=_TOLERANCE, rtol=0):
-        raise ValueError("the mixing matrix must be symmetric")
-    sums = w.sum(1)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=_TOLERANCE, rtol=0):
-        bad = int((sums - 1).abs().argmax())
-        raise ValueError(
-            f"the mixing matrix must be doubly stochastic; row {bad} sums to {float(sums[bad]):.6g}"
-        )
-    return w
-
-
-def make_topology(spec: str | torch.Tensor | Sequence[Sequence[float]], size: int) -> Topology:
-    """The topology a name (or a mixing matrix) gives for M workers.
-
-    Args:
-        spec: ``"ring"`` (1/3 to self and each neighbour), ``"torus"`` (2-D, M = a·b, a, b > 1),
-            ``"exponential"`` (peers at distances 2^k both ways), ``"one-peer"`` (round r pairs
-            i with i XOR 2^(r mod log2 M), M a power of two), ``"complete"`` (exact averaging), or
-            a symmetric doubly-stochastic M×M matrix.
-        size: M.
-
-    Raises:
-        ValueError: an unknown name, an M the topology cannot have, or an invalid matrix.
-
-    Example:
-        >>> make_topology("exponential", 8).neighbors(0, 0)
-        [1, 2, 4, 6, 7]
-    """
-    if size < 1:
-        raise ValueError(f"a topology needs at least one worker, got M={size}")
-    if not isinstance(spec, str):
-        return Topology("matrix", (check_mixing_matrix(spec, size),))
-    if spec == "ring":
-        return Topology("ring", (_uniform(size, lambda i: (i - 1, i + 1)),))
-    if spec == "torus":
-        rows, cols = _torus_shape(size)
-
-        def grid(i: int) -> list[int]:
-            r, c = divmod(i, cols)
-            return [
-                ((r - 1) % rows) * cols + c,
-                ((r + 1) % rows) * cols + c,
-                r * cols + (c - 1) % cols,
-                r * cols + (c + 1) % cols,
-            ]
-
-        return Topology("torus", (_uniform(size, grid),))
-    if spec == "exponential":
-        hops = [1 << k for k in range(max(size - 1, 1).bit_length()) if (1 << k) < size]
-        return Topology(
-            "exponential",
-            (_uniform(size, lambda i: [i + h for h in hops] + [i - h for h in hops]),),
-        )
-    if spec == "one-peer":
-        if size & (size - 1):
-            raise ValueError(f"topology 'one-peer' needs M to be a power of two, got M={size}")
-        if size == 1:
-            return Topology("one-peer", (torch.ones(1, 1, dtype=torch.float64),))
-        rounds = []
-        for r in range(size.bit_length() - 1):
-            rounds.append(_uniform(size, lambda i, r=r: [i ^ (1 << r)]))
-        return Topology("one-peer", tuple(rounds))
-    if spec == "complete":
-        return Topology("complete", (torch.full((size, size), 1.0 / size, dtype=torch.float64),))
-    raise ValueError(
-        f"unknown topology {spec!r}; choose one of {list(TOPOLOGIES)} or pass a matrix"
-    )
-
-
-def consensus_distance(models: torch.Tensor) -> float:
-    """Root mean squared distance of the rows of an M×n table of models from their mean."""
-    return float((models - models.mean(0)).pow(2).sum(1).mean().sqrt())
 
 
 @dataclasses.dataclass
@@ -303,21 +130,22 @@ class GossipState:
             raise RuntimeError("GossipState.round: start() the public copies first")
         peers = self.topology.neighbors(self.rank, index)
         w = self.topology.weights(index)
-        frames: dict[int, list[torch.Tensor]] = {}
+        frames: dict[int, list[list[torch.Tensor]]] = {}
         for g, (group, x) in enumerate(zip(groups, xs, strict=True)):
             seed = derive_seed(self.seed, self.rank, index, g, PHASE_SEND)
             for peer in peers if self.topology.period > 1 else peers[:1]:
                 if self.mode == "choco":
                     public = self.mine[self._edge(peer)][g]
-                    frame, step = _encode_step(group, x - public, seed)
+                    message, step = _encode_step(group, x - public, seed)
                     public += step  # exactly what the neighbours will add
                 else:  # the baseline: the (quantized) model itself
-                    frame = _encode(group, x, seed)
-                frames.setdefault(peer, []).append(frame)
+                    message = [_encode(group, x, seed)]
+                frames.setdefault(peer, []).append(message)
         if self.topology.period == 1:
             frames = {peer: frames[peers[0]] for peer in peers} if peers else {}
+        counts = [_frames_per_message(group, self.mode) for group in groups]
         name = f"hvd_qpr.gossip.r{index}"
-        received = yield from exchange(frames, comm, name, len(groups), xs[0].device)
+        received = yield from exchange(frames, comm, name, counts, xs[0].device)
         out = []
         for g, (group, x) in enumerate(zip(groups, xs, strict=True)):
             if self.mode == "choco":
@@ -332,7 +160,8 @@ class GossipState:
             else:
                 mixed = float(w[self.rank, self.rank]) * x
                 for peer in peers:
-                    mixed += float(w[self.rank, peer]) * _decode(group, received[peer][g])
+                    (frame,) = received[peer][g]
+                    mixed += float(w[self.rank, peer]) * _decode(group, frame)
                 out.append(mixed)
         return out
 
@@ -357,14 +186,14 @@ class GossipState:
             return
         exact = [dataclasses.replace(group, compressor=None) for group in groups]
         frames = {
-            peer: [_encode(g, x, 0) for g, x in zip(exact, xs, strict=True)] for peer in peers
+            peer: [[_encode(g, x, 0)] for g, x in zip(exact, xs, strict=True)] for peer in peers
         }
         received = yield from exchange(
-            frames, comm, "hvd_qpr.gossip.init", len(groups), xs[0].device
+            frames, comm, "hvd_qpr.gossip.init", [1] * len(groups), xs[0].device
         )
         self.mine = {e: [x.clone() for x in xs] for e in edges}
         self.theirs = {
-            peer: [_decode(g, f) for g, f in zip(exact, received[peer], strict=True)]
+            peer: [_decode(g, m[0]) for g, m in zip(exact, received[peer], strict=True)]
             for peer in peers
         }
 
@@ -400,30 +229,37 @@ def least_squares_step(q: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     return torch.dot(q, e) / qq
 
 
+def _frames_per_message(group: GossipGroup, mode: str) -> int:
+    """CHOCO's compressed messages carry the least-squares step in a frame of its own."""
+    return 2 if mode == "choco" and group.compressor is not None else 1
+
+
 def _encode_step(
     group: GossipGroup, e: torch.Tensor, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CHOCO's message for the difference e = x − x̂ and the step it applies to the copies.
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """CHOCO's message (its frames) for the difference e = x − x̂, and the step it applies to
+    the copies.
 
-    A compressed q is scaled by the least-squares η, sent first as 4 bytes: an unbiased
-    quantizer whose relative variance exceeds 1 (2-bit QSGD) would otherwise make the public
-    copies drift away from the models (‖e − Q(e)‖ > ‖e‖ on average), whatever γ is.
+    A compressed q is scaled by the least-squares η, sent first in a frame of 4 bytes: an
+    unbiased quantizer whose relative variance exceeds 1 (2-bit QSGD) would otherwise make the
+    public copies drift away from the models (‖e − Q(e)‖ > ‖e‖ on average), whatever γ is.
     """
     frame = _encode(group, e, seed)
     q = _decode(group, frame)
     if group.compressor is None:
-        return frame, q
+        return [frame], q
     eta = least_squares_step(q, e.reshape(-1).to(torch.float32))
-    return torch.cat([eta.reshape(1).view(torch.uint8), frame]), eta * q
+    return [raw_frame(eta.reshape(1).view(torch.uint8)), frame], eta * q
 
 
-def _decode_step(group: GossipGroup, message: torch.Tensor) -> torch.Tensor:
+def _decode_step(group: GossipGroup, message: list[torch.Tensor]) -> torch.Tensor:
     if group.compressor is None:
-        return _decode(group, message)
-    if message.numel() < 4:
-        raise ValueError(f"hvd_qpr gossip: a message of {message.numel()} bytes for {group.name}")
-    eta = message[:4].clone().view(torch.float32)
-    return eta * _decode(group, message[4:])
+        return _decode(group, message[0])
+    eta_frame, frame = message
+    eta = frame_body(eta_frame)
+    if eta.numel() != 4:
+        raise ValueError(f"hvd_qpr gossip: a step of {eta.numel()} bytes for {group.name}")
+    return eta.clone().view(torch.float32) * _decode(group, frame)
 
 
 def _checksum(x: torch.Tensor) -> int:
@@ -433,7 +269,7 @@ def _checksum(x: torch.Tensor) -> int:
 
 def _encode(group: GossipGroup, x: torch.Tensor, seed: int) -> torch.Tensor:
     if group.compressor is None:  # exact, in the group's own dtype
-        return x.reshape(-1).to(group.dtype).contiguous().view(torch.uint8)
+        return raw_frame(x.reshape(-1).to(group.dtype).contiguous().view(torch.uint8))
     if group.compressor.traits.adaptive:  # each message carries its own k: no agreement needed
         group.compressor.agree_k(group.compressor.propose_k(x))
     return encode_frame(group.compressor, x.reshape(-1), seed)
@@ -441,41 +277,49 @@ def _encode(group: GossipGroup, x: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _decode(group: GossipGroup, frame: torch.Tensor) -> torch.Tensor:
     if group.compressor is None:
+        body = frame_body(frame)
         size = torch.empty(0, dtype=group.dtype).element_size()
-        if frame.numel() != group.numel * size:
+        if body.numel() != group.numel * size:
             raise ValueError(
-                f"hvd_qpr gossip: {frame.numel()} bytes received for {group.name}, "
+                f"hvd_qpr gossip: {body.numel()} bytes received for {group.name}, "
                 f"expected {group.numel * size}"
             )
-        return frame.clone().view(group.dtype)
+        return body.clone().view(group.dtype)
     return decode_frame(group.compressor, frame, group.numel)
 
 
 def exchange(
-    frames: dict[int, list[torch.Tensor]],
+    messages: dict[int, list[list[torch.Tensor]]],
     comm: Comm,
     name: str,
-    count: int,
+    counts: Sequence[int],
     device: torch.device | str = "cpu",
 ) -> Pipeline:
-    """Sends each neighbour its frames (one ``alltoall``: empty splits for everyone else) and
-    returns what each neighbour sent, split into count frames. Exact (uncompressed) groups
-    travel as their raw bytes, so they are framed here with their length."""
+    """Sends each neighbour its messages, one a group, each a list of frames (one ``alltoall``:
+    empty splits for everyone else), and returns what each neighbour sent, one message a group
+    of counts[g] frames."""
     m = comm.size
     chunks, splits = [], [0] * m
-    for peer in sorted(frames):
-        message = torch.cat([_length_prefixed(f) for f in frames[peer]])
-        chunks.append(message)
-        splits[peer] = message.numel()
+    for peer in sorted(messages):
+        data = torch.cat([frame for message in messages[peer] for frame in message])
+        chunks.append(data)
+        splits[peer] = data.numel()
     data = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8, device=device)
     pending = comm.alltoall(data, splits, name)
     yield pending
     received, sizes = comm.wait(pending)
-    out: dict[int, list[torch.Tensor]] = {}
+    out: dict[int, list[list[torch.Tensor]]] = {}
     for peer, part in enumerate(received.split(sizes.tolist())):
         if part.numel():
-            out[peer] = _split_length_prefixed(part, count, peer)
-    missing = sorted(set(frames) - set(out))
+            try:
+                frames = split_frames(part, sum(counts))
+            except ValueError as e:
+                raise ValueError(f"hvd_qpr gossip: the message from rank {peer}: {e}") from None
+            out[peer], offset = [], 0
+            for count in counts:
+                out[peer].append(frames[offset : offset + count])
+                offset += count
+    missing = sorted(set(messages) - set(out))
     if missing:
         raise ValueError(
             f"hvd_qpr gossip: nothing arrived from neighbour(s) {missing}; every rank must use "
@@ -484,21 +328,82 @@ def exchange(
     return out
 
 
-def _length_prefixed(frame: torch.Tensor) -> torch.Tensor:
-    length = torch.tensor([frame.numel()], dtype=torch.int64, device=frame.device)
-    return torch.cat([length.view(torch.uint8), frame])
+# ---- the averager ------------------------------------------------------------------------------
 
 
-def _split_length_prefixed(buffer: torch.Tensor, count: int, peer: int) -> list[torch.Tensor]:
-    frames, offset = [], 0
-    for _ in range(count):
-        if offset + 8 > buffer.numel():
-            raise ValueError(f"hvd_qpr gossip: the message from rank {peer} is truncated")
-        length = int(buffer[offset : offset + 8].clone().view(torch.int64))
-        if length < 0 or offset + 8 + length > buffer.numel():
-            raise ValueError(f"hvd_qpr gossip: the message from rank {peer} is truncated")
-        frames.append(buffer[offset + 8 : offset + 8 + length])
-        offset += 8 + length
-    if offset != buffer.numel():
-        raise ValueError(f"hvd_qpr gossip: the message from rank {peer} has trailing bytes")
-    return frames
+def group_of(part: Part) -> GossipGroup:
+    """How a part gossips: a bucket with the compressor; a dense parameter with a sum-compatible
+    cast (fp16) when there is one, else exactly in its own dtype; a buffer exactly."""
+    exact = part.kind != "bucket" and (
+        part.dtype not in COMPRESSIBLE or part.compressor is Compression.none
+    )
+    if exact:
+        return GossipGroup(part.name, part.numel, None, part.dtype)
+    return GossipGroup(part.name, part.numel, part.compressor)
+
+
+class Gossip(Averager):
+    """Gossip (Q)PR-SGD: every round each worker mixes its model and buffers with its
+    neighbours' through the public copies (CHOCO-SGD) or, as a baseline, their quantized models.
+
+    Args:
+        layout: the model's parts (every part is a gossip group, buffers included).
+        comm: the collectives.
+        topology: the graph; its size is the process set's.
+        gamma: the consensus step γ in (0, 1].
+        mode: ``"choco"`` or ``"quantized-average"``.
+        seed: seeds the stochastic rounding with rank, round and group.
+    """
+
+    paradigm = "gossip"
+    state_key = "gossip"
+    aggregation = "gossip"
+
+    def __init__(
+        self,
+        layout: Layout,
+        comm: Comm,
+        topology: Topology,
+        gamma: float,
+        mode: str = "choco",
+        seed: int = 0,
+    ) -> None:
+        self.layout, self.comm = layout, comm
+        self.state = GossipState(topology, comm.rank, gamma, mode, seed)
+        self.groups = [group_of(part) for part in layout.parts]
+
+    @property
+    def topology(self) -> Topology:
+        return self.state.topology
+
+    def signature(self) -> list[Field]:
+        state = self.state
+        return paradigm_fields(topology=state.topology, mode=state.mode, gamma=state.gamma)
+
+    def _values(self) -> list[torch.Tensor]:
+        return [part.flatten() for part in self.layout.parts]
+
+    def before_local_step(self) -> Round:
+        """CHOCO's public copies start from the model before the first local step."""
+        if self.comm.included and not self.state.initialized:
+            yield from self.state.start(self.groups, self._values(), self.comm)
+
+    def round(self, index: int, local_count: int) -> Round:
+        """One round of (error-controlled) gossip with this round's neighbours."""
+        if not self.comm.included:
+            return
+        yield from check_finite(self.layout, self.comm, local_count, index)
+        new = yield from self.state.round(self.groups, self._values(), self.comm, index)
+        for part, flat in zip(self.layout.parts, new, strict=True):
+            part.write(flat)
+
+    def sync(self, index: int, local_count: int) -> Round:
+        """The models differ between rounds: one exact average of models and buffers."""
+        yield from exact_average(self.layout, self.comm)
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state, self.groups)

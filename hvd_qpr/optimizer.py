@@ -7,14 +7,15 @@ Yu, Jin & Yang, "Parallel Restarted SGD with Faster Convergence and Less Communi
 2019): K local steps, then the compressed average of the model differences since the last
 average, from which every worker restarts (DESIGN.md 2.3).
 
-The wiring lives here; *when* to communicate is :mod:`hvd_qpr.schedule`, *how* is
-:mod:`hvd_qpr.collectives`, and the compressor is only known through its declared traits.
+This module only wires: the factory builds the :class:`~hvd_qpr.layout.Layout`, picks the
+averager of the paradigm (:mod:`hvd_qpr.averaging`, :mod:`hvd_qpr.gossip`,
+:mod:`hvd_qpr.overlap`) and the gradient path (:mod:`hvd_qpr.gradients`); the mixin drives them
+from ``step()`` as :mod:`hvd_qpr.schedule` says, and wraps their state in ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -24,393 +25,131 @@ import horovod.torch.optimizer as hvd_optimizer
 import torch
 
 from hvd_qpr import collectives
-from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, InFlight, Link, Pipeline
+from hvd_qpr.averaging import Averager, RingAllReduce, Round
+from hvd_qpr.collectives import AGGREGATIONS, Comm, CommStats, Link
 from hvd_qpr.compression import Compression, Compressor, ErrorFeedback, as_compressor
-from hvd_qpr.gossip import (
-    GOSSIP_MODES,
-    GossipGroup,
-    GossipState,
-    Topology,
-    make_topology,
-)
-from hvd_qpr.overlap import OverlapState
-from hvd_qpr.schedule import SyncSchedule
-from hvd_qpr.seeds import derive_seed
+from hvd_qpr.consistency import Field, check_same_on_all_ranks, crc
+from hvd_qpr.gossip import GOSSIP_MODES, Gossip, Topology, make_topology
+from hvd_qpr.gradients import GradientAverager
+from hvd_qpr.layout import Layout
+from hvd_qpr.overlap import Overlap
+from hvd_qpr.schedule import Progress, SyncSchedule
 
-_COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16)
 _STATE_KEY = "hvd_qpr"
-
-
-class _Bucket:
-    """Compressible parameters fused into one flat float32 buffer."""
-
-    def __init__(self, index: int, params: list[torch.Tensor], names: list[str]) -> None:
-        self.index = index
-        self.params = params
-        self.segments = [(n, p.numel()) for n, p in zip(names, params, strict=True)]
-        self.name = f"hvd_qpr.bucket{index}"
-
-    def flatten(self, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-
-    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        pieces = flat.split([p.numel() for p in self.params])
-        return [piece.view(p.shape) for piece, p in zip(pieces, self.params, strict=True)]
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
     """Methods copied onto a subclass of the wrapped optimizer's class (as Horovod does)."""
 
-    # ---- set-up ----------------------------------------------------------------------------------
-
     def _qpr_setup(
         self,
-        named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
-        compression: Compressor,
+        layout: Layout,
+        comm: Comm,
+        compressor: Compressor,
         schedule: SyncSchedule,
-        aggregation: str,
-        backward_passes_per_step: int,
+        averager: Averager,
+        gradients: GradientAverager,
         op: Any,
-        gradient_predivide_factor: float,
-        process_set: hvd.ProcessSet,
-        seed: int,
-        named_buffers: Iterable[tuple[str, torch.Tensor]] | None,
-        bucket_bytes: int,
-        min_compress_numel: int,
-        link: Link | None,
-        gossip: GossipState | None = None,
-        overlap: OverlapState | None = None,
     ) -> None:
-        params = [p for group in self.param_groups for p in group["params"]]
-        names = _parameter_names(named_parameters, self.param_groups)
-        self._qpr_names = {p: names[id(p)] for p in params}
-        self._qpr_params = [p for p in params if p.requires_grad]
-        self._qpr_buffers = [(n, b) for n, b in (named_buffers or []) if b.dtype.is_floating_point]
-        self._qpr_compressor = compression
-        self._qpr_schedule = schedule
+        self._qpr_layout, self._qpr_comm, self._qpr_compressor = layout, comm, compressor
+        self._qpr_schedule, self._qpr_averager, self._qpr_gradients = schedule, averager, gradients
+        self._qpr_progress = gradients.progress
         self._qpr_op = op
-        self._qpr_predivide = gradient_predivide_factor
-        self._qpr_process_set = process_set
-        self._qpr_seed = seed
-        self._qpr_comm = Comm(process_set, CommStats())
-        self._qpr_backward_passes = backward_passes_per_step
-        self._qpr_delay = {p: backward_passes_per_step for p in self._qpr_params}
-        self._qpr_pending: dict[torch.Tensor, Pipeline] = {}
-        self._qpr_synchronized = False
-        self._qpr_should_synchronize = True
         self._qpr_checked = False
-        self._qpr_step = 0  # step() calls completed
-        self._qpr_round = 0  # model averages done
-        self._qpr_local_count = 0  # local steps since the last model average
-        self._qpr_anchor: list[torch.Tensor] | None = None  # the last averaged model
-        self._qpr_gossip = gossip
-        self._qpr_overlap = overlap
-
-        # Tiny, non-float and float64 tensors, and all tensors of a sum-compatible compressor,
-        # are all-reduced one by one (Horovod fuses them); the rest is fused into buckets.
-        fused = not compression.traits.sum_compatible
-        self._qpr_dense = [
-            p
-            for p in self._qpr_params
-            if not (fused and p.dtype in _COMPRESSIBLE and p.numel() >= min_compress_numel)
-        ]
-        dense_ids = {id(p) for p in self._qpr_dense}
-        self._qpr_dense_ids = dense_ids
-        self._qpr_buckets: list[_Bucket] = []
-        current: list[torch.Tensor] = []
-        for p in self._qpr_params:
-            if id(p) in dense_ids:
-                continue
-            if current and 4 * (sum(q.numel() for q in current) + p.numel()) > bucket_bytes:
-                self._qpr_add_bucket(current)
-                current = []
-            current.append(p)
-        if current:
-            self._qpr_add_bucket(current)
-        size = process_set.size() if process_set.included() else 1
-        numel = max((sum(q.numel() for q in b.params) for b in self._qpr_buckets), default=0)
-        if gossip is not None:
-            aggregation = "gossip"  # neighbour exchange; no aggregation mode applies
-        elif aggregation == "auto":
-            aggregation = collectives.choose_aggregation(compression, numel, size, link)
-        elif aggregation not in collectives.feasible_aggregations(compression):
-            raise ValueError(
-                f"hvd_qpr.DistributedOptimizer: aggregation {aggregation!r} does not work with "
-                f"{compression}; choose one of "
-                f"{['auto', *collectives.feasible_aggregations(compression)]}"
-            )
-        self._qpr_aggregation = aggregation
-        # The dense path compresses only with a sum-compatible compressor.
-        self._qpr_dense_compressor = compression if not fused else Compression.none
-        self._qpr_gossip_groups = self._qpr_make_gossip_groups() if gossip is not None else []
-        if process_set.included():
-            for p in self._qpr_params:
-                p.register_post_accumulate_grad_hook(self._qpr_on_grad)
-
-    def _qpr_add_bucket(self, params: list[torch.Tensor]) -> None:
-        names = [self._qpr_names[p] for p in params]
-        self._qpr_buckets.append(_Bucket(len(self._qpr_buckets), params, names))
-
-    def _qpr_make_gossip_groups(self) -> list[GossipGroup]:
-        """Buckets gossip with the compressor; small tensors with a sum-compatible one (fp16)
-        or exactly; floating-point buffers exactly."""
-        groups = [
-            GossipGroup(b.name, sum(p.numel() for p in b.params), self._qpr_compressor)
-            for b in self._qpr_buckets
-        ]
-        cast = self._qpr_dense_compressor
-        for p in self._qpr_dense:
-            exact = p.dtype not in _COMPRESSIBLE or cast is Compression.none
-            compressor = None if exact else cast
-            dtype = p.dtype if exact else torch.float32
-            groups.append(GossipGroup(self._qpr_names[p], p.numel(), compressor, dtype))
-        for name, buf in self._qpr_buffers:
-            groups.append(GossipGroup(f"buffer.{name}", buf.numel(), None, buf.dtype))
-        return groups
+        gradients.register_hooks(self._qpr_check_config)
 
     # ---- consistency across ranks ----------------------------------------------------------------
 
-    def _qpr_signature(self) -> list[tuple[str, int, str]]:
+    def _qpr_signature(self) -> list[Field]:
         """(field, integer code, readable value) of everything the ranks must agree on."""
-
-        def crc(text: str) -> int:
-            return zlib.crc32(text.encode())
-
-        layout = ";".join(
-            f"{self._qpr_names[p]}:{tuple(p.shape)}:{p.dtype}" for p in self._qpr_params
-        )
-        schedule = self._qpr_schedule
-        total = sum(p.numel() for p in self._qpr_params)
+        layout, schedule, passes = self._qpr_layout, self._qpr_schedule, self._qpr_gradients
+        total = sum(p.numel() for p in layout.params)
+        aggregation = self._qpr_averager.aggregation
         return [
             ("compression", crc(self._qpr_compressor.name), self._qpr_compressor.name),
             ("local_steps", schedule.local_steps, str(schedule.local_steps)),
             ("warmup_steps", schedule.warmup_steps, str(schedule.warmup_steps)),
-            ("aggregation", crc(self._qpr_aggregation), self._qpr_aggregation),
+            ("aggregation", crc(aggregation), aggregation),
             (
                 "backward_passes_per_step",
-                self._qpr_backward_passes,
-                str(self._qpr_backward_passes),
+                passes.backward_passes,
+                str(passes.backward_passes),
             ),
             ("op", crc(str(self._qpr_op)), str(self._qpr_op)),
             (
                 "parameter names, shapes and dtypes",
-                crc(layout),
-                f"{len(self._qpr_params)} tensors of {total} values",
+                crc(layout.signature()),
+                f"{len(layout.params)} tensors of {total} values",
             ),
-            ("buckets", len(self._qpr_buckets), str(len(self._qpr_buckets))),
-            *self._qpr_paradigm_signature(),
+            ("buckets", len(layout.buckets), str(len(layout.buckets))),
+            *self._qpr_averager.signature(),
         ]
 
-    def _qpr_paradigm_signature(self) -> list[tuple[str, int, str]]:
-        def crc(text: str) -> int:
-            return zlib.crc32(text.encode())
-
-        gossip, overlap = self._qpr_gossip, self._qpr_overlap
-        topology = gossip.topology if gossip is not None else None
-        fields = [
-            ("topology", topology.signature() if topology else 0, repr(topology)),
-            (
-                "gossip mode",
-                crc(gossip.mode) if gossip else 0,
-                gossip.mode if gossip else "-",
-            ),
-            (
-                "consensus_step",
-                crc(repr(gossip.gamma)) if gossip else 0,
-                repr(gossip and gossip.gamma),
-            ),
-            ("overlap", int(overlap is not None), str(overlap is not None)),
-            # present on every rank, so the table has the same width everywhere
-            (
-                "pullback",
-                crc(repr(overlap.alpha)) if overlap else 0,
-                repr(overlap and overlap.alpha),
-            ),
-            (
-                "anchor_momentum",
-                crc(repr(overlap.beta)) if overlap else 0,
-                repr(overlap and overlap.beta),
-            ),
-        ]
-        return fields
-
-    def _qpr_check_config(self) -> None:
-        """Compares the configuration of all ranks once, before the first collective; raises on
-        every rank when they differ (each rank holds the whole table, so none hangs)."""
-        if self._qpr_checked or not self._qpr_process_set.included():
+    def _qpr_config_round(self) -> Round:
+        """Compares the configuration of all ranks once, before the first collective."""
+        if self._qpr_checked or not self._qpr_comm.included:
             return
         self._qpr_checked = True
-        signature = self._qpr_signature()
-        codes = torch.tensor([[code for _, code, _ in signature]], dtype=torch.int64)
-        comm = self._qpr_comm  # counted in comm_stats like every byte the library sends
-        table = comm.wait(comm.allgather(codes, "hvd_qpr.config"))
-        rank = self._qpr_process_set.rank()
-        for column, (field, _, value) in enumerate(signature):
-            values = table[:, column].tolist()
-            if len(set(values)) > 1:
-                groups: dict[int, list[int]] = {}
-                for r, v in enumerate(values):
-                    groups.setdefault(v, []).append(r)
-                who = "; ".join(f"ranks {rs}" for rs in groups.values())
-                raise ValueError(
-                    f"hvd_qpr.DistributedOptimizer: ranks disagree on {field} ({who} agree among "
-                    f"themselves); rank {rank} has {value}. Every rank must wrap the same model "
-                    "with the same arguments"
-                )
+        yield from check_same_on_all_ranks(self._qpr_comm, self._qpr_signature())
+
+    def _qpr_check_config(self) -> None:
+        collectives.run(self._qpr_config_round())
 
     # ---- gradient averaging (local_steps == 1, and the warm-up) ----------------------------------
-
-    def _qpr_on_grad(self, p: torch.Tensor) -> None:
-        self._qpr_check_config()
-        if not self._qpr_schedule.averages_gradients(self._qpr_step):
-            return
-        if p in self._qpr_pending and self._qpr_delay[p] <= 0:
-            raise AssertionError(
-                "Gradients were computed more than backward_passes_per_step times before call "
-                "to step(). Increase backward_passes_per_step to accumulate gradients locally."
-            )
-        self._qpr_delay[p] -= 1
-        if self._qpr_delay[p] == 0 and self._qpr_is_dense_now(p):
-            self._qpr_pending[p] = self._qpr_launch_dense_grad(p)
-
-    def _qpr_is_dense_now(self, p: torch.Tensor) -> bool:
-        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
-        return not compressed or id(p) in self._qpr_dense_ids
-
-    def _qpr_launch_dense_grad(self, p: torch.Tensor) -> Pipeline:
-        if p.grad is None:  # unused on this rank; another may have a gradient
-            p.grad = torch.zeros_like(p)
-        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
-        compressor = self._qpr_dense_compressor if compressed else Compression.none
-        average = self._qpr_op == hvd.Average
-        pipeline = collectives.allreduce_dense(
-            p.grad,
-            compressor,
-            self._qpr_comm,
-            f"hvd_qpr.grad.{self._qpr_names[p]}",
-            [(self._qpr_names[p], p.numel())],
-            op=self._qpr_op,
-            prescale_factor=1.0 / self._qpr_predivide if average else 1.0,
-            postscale_factor=self._qpr_predivide if average else 1.0,
-        )
-        next(pipeline)  # launch now, overlapping the rest of the backward pass
-        return pipeline
 
     def synchronize(self) -> None:
         """Waits for the gradients' averages and writes them into ``.grad`` (Horovod's meaning;
         call it before clipping gradients, then ``step()`` inside ``skip_synchronize()``).
         Does nothing on steps that only take a local step."""
-        if not self._qpr_process_set.included():
-            self._qpr_synchronized = True
-            return
-        self._qpr_check_config()
-        if not self._qpr_schedule.averages_gradients(self._qpr_step):
-            self._qpr_synchronized = True
-            return
-        compressed = self._qpr_schedule.compresses_gradients(self._qpr_step)
-        fresh: list[tuple[object, Pipeline]] = []
-        dense = self._qpr_dense if compressed else self._qpr_params
-        for p in dense:
-            if p not in self._qpr_pending:
-                self._qpr_pending[p] = self._qpr_launch_dense_grad(p)
-        if compressed:
-            rank = self._qpr_process_set.rank()
-            for bucket in self._qpr_buckets:
-                grads = [
-                    p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params
-                ]
-                seed = derive_seed(self._qpr_seed, rank, self._qpr_step, bucket.index)
-                average = self._qpr_op == hvd.Average
-                pipeline = self._qpr_aggregate(bucket, bucket.flatten(grads), seed, average)
-                fresh.append((bucket, pipeline))
-        started = list(self._qpr_pending.items())
-        results = collectives.run_pipelines([pl for _, pl in fresh] + [pl for _, pl in started])
-        for (bucket, _), flat in zip(fresh, results[: len(fresh)], strict=True):
-            for p, avg in zip(bucket.params, bucket.split(flat), strict=True):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(avg)
-        for (p, _), avg in zip(started, results[len(fresh) :], strict=True):
-            p.grad.set_(avg)
-        for p in self._qpr_delay:
-            self._qpr_delay[p] = self._qpr_backward_passes
-        self._qpr_pending.clear()
-        self._qpr_synchronized = True
+        collectives.run(self._qpr_synchronize())
 
-    def _qpr_aggregate(
-        self, bucket: _Bucket, flat: torch.Tensor, seed: int, average: bool
-    ) -> Pipeline:
-        return collectives.aggregate(
-            self._qpr_aggregation,
-            flat,
-            self._qpr_compressor,
-            self._qpr_comm,
-            bucket.name,
-            bucket.segments,
-            seed,
-            average,
-        )
+    def _qpr_synchronize(self) -> Round:
+        yield from self._qpr_config_round()
+        yield from self._qpr_gradients.synchronize()
 
     @contextmanager
     def skip_synchronize(self):
         """Within it, ``step()`` does not synchronize (it was done by hand before clipping)."""
-        self._qpr_should_synchronize = False
+        self._qpr_gradients.should_synchronize = False
         try:
             yield
         finally:
-            self._qpr_should_synchronize = True
+            self._qpr_gradients.should_synchronize = True
 
     # ---- the step --------------------------------------------------------------------------------
 
     def step(self, closure=None):
         """One step: gradients averaged first when the schedule says so, else a local step; after
         every ``local_steps`` local steps, the models are averaged."""
-        schedule = self._qpr_schedule
-        if schedule.averages_gradients(self._qpr_step):
-            if self._qpr_should_synchronize:
-                if self._qpr_synchronized:
+        return collectives.run(self._qpr_step(closure))
+
+    def _qpr_step(self, closure=None) -> Round:
+        """:meth:`step` as a generator of its collectives (the in-process tests drive M)."""
+        progress, grads, averager = self._qpr_progress, self._qpr_gradients, self._qpr_averager
+        if self._qpr_schedule.averages_gradients(progress.step):
+            if grads.should_synchronize:
+                if grads.synchronized:
                     warnings.warn(
                         "optimizer.step() called without optimizer.skip_synchronize() context "
                         "after optimizer.synchronize(). This can cause training slowdown.",
-                        stacklevel=2,
+                        stacklevel=4,  # the caller of step(), through run()
                     )
-                self.synchronize()
-            self._qpr_synchronized = False
+                yield from self._qpr_synchronize()
+            grads.synchronized = False
             loss = super(self.__class__, self).step(closure)
         else:
-            self._qpr_check_config()
-            self._qpr_before_local_step()
-            self._qpr_synchronized = False
+            yield from self._qpr_config_round()
+            yield from averager.before_local_step()
+            grads.synchronized = False
             loss = super(self.__class__, self).step(closure)
-            self._qpr_local_count += 1
-            if self._qpr_overlap is not None:
-                self._qpr_overlap.poll()  # the average in flight moves on to its next collective
-        self._qpr_step += 1
-        if schedule.syncs_after(self._qpr_local_count):
-            self._qpr_sync_round()
+            progress.local_count += 1
+            averager.after_local_step()
+        progress.step += 1
+        if self._qpr_schedule.syncs_after(progress.local_count):
+            yield from averager.round(progress.round, progress.local_count)
+            progress.round += 1
+            progress.local_count = 0
         return loss
-
-    def _qpr_before_local_step(self) -> None:
-        """What the first local step needs: the last averaged model (ring all-reduce), the anchor
-        z (Overlap-Local-SGD) or the public copies (gossip), all from the common start."""
-        if self._qpr_overlap is not None:
-            if not self._qpr_overlap.started:
-                self._qpr_overlap.start(self._qpr_params)
-        elif self._qpr_gossip is not None:
-            if not self._qpr_gossip.initialized:
-                self._qpr_start_gossip()
-        elif self._qpr_anchor is None:
-            self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
-
-    def _qpr_sync_round(self) -> None:
-        if self._qpr_gossip is not None:
-            self._qpr_gossip_round()
-        elif self._qpr_overlap is not None:
-            self._qpr_overlap_round()
-        else:
-            self._qpr_average_models()
-        self._qpr_round += 1
-        self._qpr_local_count = 0
 
     def sync_models(self) -> None:
         """Averages the models now, so that every rank holds the same model, e.g. before
@@ -424,203 +163,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         takes the exact average as its anchor. Finish Overlap-Local-SGD with it (or with
         ``state_dict()``) before another optimizer sends the same parameter names: Horovod
         refuses a name whose collective is still in flight."""
-        if self._qpr_gossip is None and self._qpr_overlap is None:
-            if self._qpr_local_count > 0:
-                self._qpr_average_models()
-                self._qpr_round += 1
-                self._qpr_local_count = 0
-            return
-        overlap = self._qpr_overlap
-        if overlap is not None and overlap.started:
-            average = overlap.collect(self._qpr_overlap_average)
-            self._qpr_check_average(average)
-            overlap.update_anchor(average)
-        if self._qpr_process_set.included():
-            pipelines = [
-                collectives.allreduce_dense(
-                    t.detach().clone(),
-                    Compression.none,
-                    self._qpr_comm,
-                    f"hvd_qpr.sync.{name}",
-                    [],
-                )
-                for name, t in self._qpr_named_state()
-            ]
-            with torch.no_grad():
-                for (_, t), avg in zip(
-                    self._qpr_named_state(),
-                    collectives.run_pipelines(pipelines),
-                    strict=True,
-                ):
-                    t.copy_(avg)
-        if overlap is not None and overlap.started:
-            overlap.anchor = [p.detach().clone() for p in self._qpr_params]
-        self._qpr_local_count = 0
+        collectives.run(self._qpr_sync())
 
-    def _qpr_named_state(self) -> list[tuple[str, torch.Tensor]]:
-        """Trained parameters and floating-point buffers, by name."""
-        named = [(self._qpr_names[p], p) for p in self._qpr_params]
-        return named + [(f"buffer.{n}", b) for n, b in self._qpr_buffers]
-
-    def _qpr_check_finite(self) -> None:
-        flags = torch.tensor(
-            [[0 if bool(torch.isfinite(p).all()) else 1 for p in self._qpr_params]],
-            dtype=torch.uint8,
-        )
-        table = self._qpr_comm.wait(self._qpr_comm.allgather(flags, "hvd_qpr.finite"))
-        bad = table.nonzero().tolist()
-        if bad:
-            column = bad[0][1]
-            ranks = sorted({r for r, c in bad if c == column})
-            name = self._qpr_names[self._qpr_params[column]]
-            raise FloatingPointError(
-                f"hvd_qpr.DistributedOptimizer: the model difference of parameter {name!r} holds "
-                f"NaN or Inf on rank(s) {ranks} after {self._qpr_local_count} local steps "
-                f"(round {self._qpr_round}); nothing was averaged. Lower the learning rate or "
-                "clip gradients"
-            )
-
-    def _qpr_difference_pipelines(self, anchor: list[torch.Tensor], tag: str) -> list[Pipeline]:
-        """Averages of x_i − anchor: one aggregation per bucket (compressed, seeded by rank,
-        round and bucket) and one all-reduce per small tensor, in that order."""
-        anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
-        rank = self._qpr_process_set.rank()
-        pipelines: list[Pipeline] = []
-        for bucket in self._qpr_buckets:
-            delta = bucket.flatten(bucket.params) - bucket.flatten(
-                anchors[id(p)] for p in bucket.params
-            )
-            seed = derive_seed(self._qpr_seed, rank, self._qpr_round, bucket.index)
-            pipelines.append(self._qpr_aggregate(bucket, delta, seed, True))
-        for p in self._qpr_dense:
-            name = self._qpr_names[p]
-            pipelines.append(
-                collectives.allreduce_dense(
-                    (p.detach() - anchors[id(p)]).contiguous(),
-                    self._qpr_dense_compressor,
-                    self._qpr_comm,
-                    f"hvd_qpr.{tag}.{name}",
-                    [(name, p.numel())],
-                )
-            )
-        return pipelines
-
-    def _qpr_anchor_plus(
-        self, anchor: list[torch.Tensor], results: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """anchor + the averaged differences of :meth:`_qpr_difference_pipelines`, one tensor
-        per parameter (buckets summed in float32, then cast back)."""
-        anchors = {id(p): a for p, a in zip(self._qpr_params, anchor, strict=True)}
-        out: dict[int, torch.Tensor] = {}
-        nb = len(self._qpr_buckets)
-        for bucket, mean in zip(self._qpr_buckets, results[:nb], strict=True):
-            for p, d in zip(bucket.params, bucket.split(mean), strict=True):
-                out[id(p)] = (anchors[id(p)].to(torch.float32) + d).to(p.dtype)
-        for p, d in zip(self._qpr_dense, results[nb:], strict=True):
-            out[id(p)] = anchors[id(p)] + d
-        return [out[id(p)] for p in self._qpr_params]
-
-    def _qpr_average_models(self) -> None:
-        """x_bar += average of Q(x_i - x_bar); every worker restarts from x_bar (DESIGN.md 2.3)."""
-        anchor = self._qpr_anchor
-        assert anchor is not None
-        if self._qpr_process_set.included():
-            self._qpr_check_finite()
-            pipelines = self._qpr_difference_pipelines(anchor, "model")
-            for name, buf in self._qpr_buffers:
-                pipelines.append(
-                    collectives.allreduce_dense(
-                        buf.data,
-                        Compression.none,
-                        self._qpr_comm,
-                        f"hvd_qpr.buffer.{name}",
-                        [],
-                    )
-                )
-            results = collectives.run_pipelines(pipelines)
-            nm = len(pipelines) - len(self._qpr_buffers)
-            with torch.no_grad():
-                for p, value in zip(
-                    self._qpr_params,
-                    self._qpr_anchor_plus(anchor, results[:nm]),
-                    strict=True,
-                ):
-                    p.copy_(value)
-                for (_, buf), avg in zip(self._qpr_buffers, results[nm:], strict=True):
-                    buf.copy_(avg)
-        self._qpr_anchor = [p.detach().clone() for p in self._qpr_params]
-
-    # ---- gossip (DESIGN.md 2.4) ------------------------------------------------------------------
-
-    def _qpr_gossip_values(self) -> list[torch.Tensor]:
-        """The flat values of every gossip group (buckets, small tensors, buffers)."""
-        values = [b.flatten(b.params) for b in self._qpr_buckets]
-        values += [p.detach().reshape(-1).clone() for p in self._qpr_dense]
-        return values + [buf.detach().reshape(-1).clone() for _, buf in self._qpr_buffers]
-
-    def _qpr_start_gossip(self) -> None:
-        """CHOCO's public copies start from the model before the first local step."""
-        gossip = self._qpr_gossip
-        assert gossip is not None
-        if self._qpr_process_set.included():
-            values = self._qpr_gossip_values()
-            collectives.finish(gossip.start(self._qpr_gossip_groups, values, self._qpr_comm))
-
-    def _qpr_gossip_round(self) -> None:
-        """One round of (error-controlled) gossip with this round's neighbours."""
-        gossip = self._qpr_gossip
-        assert gossip is not None
-        if not self._qpr_process_set.included():
-            return
-        self._qpr_check_finite()
-        values = self._qpr_gossip_values()
-        new = collectives.finish(
-            gossip.round(self._qpr_gossip_groups, values, self._qpr_comm, self._qpr_round)
-        )
-        nb, nd = len(self._qpr_buckets), len(self._qpr_dense)
-        with torch.no_grad():
-            for bucket, flat in zip(self._qpr_buckets, new[:nb], strict=True):
-                for p, v in zip(bucket.params, bucket.split(flat), strict=True):
-                    p.copy_(v.to(p.dtype))
-            for p, flat in zip(self._qpr_dense, new[nb : nb + nd], strict=True):
-                p.copy_(flat.view_as(p).to(p.dtype))
-            for (_, buf), flat in zip(self._qpr_buffers, new[nb + nd :], strict=True):
-                buf.copy_(flat.view_as(buf).to(buf.dtype))
-
-    # ---- Overlap-Local-SGD (DESIGN.md 2.5) -------------------------------------------------------
-
-    def _qpr_overlap_round(self) -> None:
-        """Finish the average started a round ago, update the anchor, start averaging the current
-        models in the background, pull back towards the anchor."""
-        overlap = self._qpr_overlap
-        assert overlap is not None and overlap.anchor is not None
-        average = overlap.collect(self._qpr_overlap_average)
-        self._qpr_check_average(average)
-        overlap.update_anchor(average)
-        if self._qpr_process_set.included():
-            overlap.launch(InFlight(self._qpr_difference_pipelines(overlap.anchor, "overlap")))
-        overlap.pull_back(self._qpr_params)
-
-    def _qpr_overlap_average(self, results: list[torch.Tensor]) -> list[torch.Tensor]:
-        """a = z + the averaged differences (z has not moved since they were launched)."""
-        overlap = self._qpr_overlap
-        assert overlap is not None and overlap.anchor is not None
-        return self._qpr_anchor_plus(overlap.anchor, results)
-
-    def _qpr_check_average(self, average: list[torch.Tensor] | None) -> None:
-        """Every rank sees the same average: a NaN or Inf in it raises on all of them."""
-        if average is None:
-            return
-        for p, a in zip(self._qpr_params, average, strict=True):
-            if not bool(torch.isfinite(a).all()):
-                raise FloatingPointError(
-                    f"hvd_qpr.DistributedOptimizer: the average of parameter "
-                    f"{self._qpr_names[p]!r} started at round {self._qpr_round - 1} holds NaN or "
-                    "Inf: some rank's model diverged. Lower the learning rate or clip gradients"
-                )
+    def _qpr_sync(self) -> Round:
+        progress = self._qpr_progress
+        if (yield from self._qpr_averager.sync(progress.round, progress.local_count)):
+            progress.round += 1
+        progress.local_count = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._qpr_pending:
+        if self._qpr_gradients.pending:
             raise AssertionError(
                 "optimizer.zero_grad() was called after loss.backward() but before "
                 "optimizer.step() or optimizer.synchronize(). This is prohibited as it can cause "
@@ -643,70 +195,59 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     @property
     def aggregation(self) -> str:
         """The aggregation in use (what ``"auto"`` chose; ``"gossip"`` with a topology)."""
-        return self._qpr_aggregation
+        return self._qpr_averager.aggregation
 
     @property
     def topology(self) -> Topology | None:
         """The gossip graph (its ``repr`` shows the spectral gap), or None."""
-        return None if self._qpr_gossip is None else self._qpr_gossip.topology
+        return self._qpr_averager.topology
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state plus this rank's schedule position, residuals and last
-        averaged model, so a run resumed on every rank from its own state continues exactly."""
+        """The wrapped optimizer's state plus this rank's schedule position, residuals and the
+        averager's state, so a run resumed on every rank from its own state continues exactly.
+        Call it on every rank: an average in flight (Overlap-Local-SGD) is finished first."""
         state = super(self.__class__, self).state_dict()
-        compressor = self._qpr_compressor
-        overlap = self._qpr_overlap
-        if overlap is not None and overlap.started:
-            # an average in flight is finished now (its values do not depend on when), so the
-            # saved state holds its result; call state_dict() on every rank
-            overlap.collect(self._qpr_overlap_average)
+        collectives.run(self._qpr_averager.settle())
+        compressor, progress = self._qpr_compressor, self._qpr_progress
         state[_STATE_KEY] = {
-            "step": self._qpr_step,
-            "round": self._qpr_round,
-            "local_count": self._qpr_local_count,
-            "anchor": None if self._qpr_anchor is None else [a.clone() for a in self._qpr_anchor],
+            "step": progress.step,
+            "round": progress.round,
+            "local_count": progress.local_count,
             "residuals": compressor.state_dict() if isinstance(compressor, ErrorFeedback) else {},
-            "gossip": None if self._qpr_gossip is None else self._qpr_gossip.state_dict(),
-            "overlap": None if overlap is None else overlap.state_dict(),
+            "paradigm": self._qpr_averager.paradigm,
+            self._qpr_averager.state_key: self._qpr_averager.state_dict(),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY, None)
-        self._qpr_pending.clear()
-        self._qpr_synchronized = False
-        self._qpr_should_synchronize = True
-        for p in self._qpr_delay:
-            self._qpr_delay[p] = self._qpr_backward_passes
+        self._qpr_gradients.reset()
         super(self.__class__, self).load_state_dict(state_dict)
         if ours is None:
             return
-        self._qpr_step = int(ours["step"])
-        self._qpr_round = int(ours["round"])
-        self._qpr_local_count = int(ours["local_count"])
-        anchor = ours["anchor"]
-        if anchor is not None:
-            if [tuple(a.shape) for a in anchor] != [tuple(p.shape) for p in self._qpr_params]:
-                raise ValueError("load_state_dict: the saved model's shapes differ from this one's")
-            anchor = [
-                a.detach().clone().to(p.device, p.dtype)
-                for a, p in zip(anchor, self._qpr_params, strict=True)
-            ]
-        self._qpr_anchor = anchor
+        ours = _upgrade_state(ours)
+        paradigm = self._qpr_averager.paradigm
+        if ours["paradigm"] != paradigm:
+            raise ValueError(
+                f"load_state_dict: the state was saved by {ours['paradigm']} and this "
+                f"optimizer runs {paradigm}"
+            )
+        progress = self._qpr_progress
+        progress.step, progress.round = int(ours["step"]), int(ours["round"])
+        progress.local_count = int(ours["local_count"])
         if isinstance(self._qpr_compressor, ErrorFeedback):
             self._qpr_compressor.load_state_dict(ours["residuals"])
-        for key, part in (("gossip", self._qpr_gossip), ("overlap", self._qpr_overlap)):
-            saved = ours.get(key)
-            if (saved is None) != (part is None):
-                raise ValueError(
-                    f"load_state_dict: the state was saved {'with' if saved else 'without'} "
-                    f"{key} and this optimizer runs {'with' if part else 'without'} it"
-                )
-        if self._qpr_gossip is not None:
-            self._qpr_gossip.load_state_dict(ours["gossip"], self._qpr_gossip_groups)
-        if self._qpr_overlap is not None:
-            self._qpr_overlap.load_state_dict(ours["overlap"], self._qpr_params)
+        self._qpr_averager.load_state_dict(ours[self._qpr_averager.state_key])
+
+
+def _upgrade_state(ours: dict[str, Any]) -> dict[str, Any]:
+    """A state saved before it named its paradigm (each paradigm's state under its key, the
+    others' None) with the paradigm named."""
+    if "paradigm" in ours:
+        return ours
+    saved = [a for a in (Gossip, Overlap) if ours.get(a.state_key) is not None]
+    return {**ours, "paradigm": (saved[0] if saved else RingAllReduce).paradigm}
 
 
 def _parameter_names(
@@ -844,25 +385,12 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
         )
     if error_feedback and not isinstance(compressor, ErrorFeedback):
         compressor = ErrorFeedback(compressor)
-    size = process_set.size() if process_set.included() else 1
-    gossip_state, overlap_state = _paradigm(
-        topology,
-        consensus_step,
-        gossip,
-        overlap,
-        pullback,
-        anchor_momentum,
-        aggregation,
-        compressor,
-        size,
-        process_set.rank() if process_set.included() else 0,
-        seed,
+    _check_paradigm_arguments(
+        topology, consensus_step, gossip, overlap, pullback, anchor_momentum, aggregation
     )
-    if overlap_state is not None and local_steps == 1:
+    if overlap and local_steps == 1:
         local_steps = 2  # tau
-    schedule = SyncSchedule(
-        local_steps, warmup_steps, mixes_models=gossip_state is not None or overlap
-    )
+    schedule = SyncSchedule(local_steps, warmup_steps, mixes_models=topology is not None or overlap)
     if compressor.traits.needs_error_feedback and not isinstance(compressor, ErrorFeedback):
         warnings.warn(
             f"{compressor} is biased and meant to run with error feedback; pass "
@@ -887,6 +415,43 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
+    # process_set may also be another collectives backend (the in-process one of the tests)
+    comm = Comm(process_set, CommStats())
+    names = _parameter_names(named_parameters, optimizer.param_groups)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    layout = Layout(
+        [(names[id(p)], p) for p in params],
+        named_buffers or [],
+        compressor,
+        bucket_bytes,
+        min_compress_numel,
+    )
+    if topology is not None:
+        graph = topology if isinstance(topology, Topology) else make_topology(topology, comm.size)
+        if graph.size != comm.size:
+            raise ValueError(f"the topology has {graph.size} workers, the process set {comm.size}")
+        if consensus_step is None:
+            traits = compressor.traits
+            consensus_step = 1.0 if traits.sum_compatible else 0.5 * compressor.contraction()
+        averager: Averager = Gossip(layout, comm, graph, consensus_step, gossip, seed)
+    else:
+        mode = _resolve_aggregation(aggregation, compressor, layout, comm.size, link)
+        if overlap:
+            averager = Overlap(layout, comm, mode, seed, pullback, anchor_momentum)
+        else:
+            averager = RingAllReduce(layout, comm, mode, seed)
+    gradients = GradientAverager(
+        layout,
+        comm,
+        schedule,
+        Progress(),
+        averager.aggregation,
+        op,
+        gradient_predivide_factor,
+        seed,
+        backward_passes_per_step,
+    )
+
     cls = type(
         optimizer.__class__.__name__,
         (optimizer.__class__,),
@@ -898,50 +463,44 @@ def DistributedOptimizer(  # noqa: N802  (Horovod's name for a factory)
     cls.__module__ = hvd_optimizer.__name__
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)
-    wrapped._qpr_setup(
-        named_parameters,
-        compressor,
-        schedule,
-        aggregation,
-        backward_passes_per_step,
-        op,
-        gradient_predivide_factor,
-        process_set,
-        seed,
-        named_buffers,
-        bucket_bytes,
-        min_compress_numel,
-        link,
-        gossip_state,
-        overlap_state,
-    )
+    wrapped._qpr_setup(layout, comm, compressor, schedule, averager, gradients, op)
     return wrapped
 
 
-def _paradigm(
-    topology: str | torch.Tensor | Topology | None,
+def _resolve_aggregation(
+    aggregation: str, compressor: Compressor, layout: Layout, size: int, link: Link | None
+) -> str:
+    """The mode buckets travel in: what the cost model picks for ``"auto"``, else the one asked
+    for, if the compressor allows it."""
+    if aggregation == "auto":
+        return collectives.choose_aggregation(compressor, layout.largest_bucket, size, link)
+    if aggregation not in collectives.feasible_aggregations(compressor):
+        raise ValueError(
+            f"hvd_qpr.DistributedOptimizer: aggregation {aggregation!r} does not work with "
+            f"{compressor}; choose one of "
+            f"{['auto', *collectives.feasible_aggregations(compressor)]}"
+        )
+    return aggregation
+
+
+def _check_paradigm_arguments(
+    topology: object,
     consensus_step: float | None,
     gossip: str,
     overlap: bool,
     pullback: float,
     anchor_momentum: float,
     aggregation: str,
-    compressor: Compressor,
-    size: int,
-    rank: int,
-    seed: int,
-) -> tuple[GossipState | None, OverlapState | None]:
-    """The gossip or Overlap-Local-SGD state the arguments ask for (neither: ring all-reduce)."""
+) -> None:
+    """Refuses arguments of one paradigm given to another (the averagers check their ranges)."""
     if not isinstance(overlap, bool):
         raise TypeError(f"overlap must be a bool, got {overlap!r}")
     if topology is None:
         if consensus_step is not None or gossip != "choco":
             raise ValueError("consensus_step and gossip apply only with a topology")
-        if not overlap:
-            if (pullback, anchor_momentum) != (0.6, 0.0):
-                raise ValueError("pullback and anchor_momentum apply only with overlap=True")
-            return None, None
-        return None, OverlapState(pullback, anchor_momentum)
+        if not overlap and (pullback, anchor_momentum) != (0.6, 0.0):
+            raise ValueError("pullback and anchor_momentum apply only with overlap=True")
+        return
     if overlap:
         raise ValueError("choose gossip (topology=...) or overlap=True, not both")
     if aggregation != "auto":
@@ -951,9 +510,3 @@ def _paradigm(
         )
     if gossip not in GOSSIP_MODES:
         raise ValueError(f"gossip must be one of {list(GOSSIP_MODES)}, got {gossip!r}")
-    graph = topology if isinstance(topology, Topology) else make_topology(topology, size)
-    if graph.size != size:
-        raise ValueError(f"the topology has {graph.size} workers, the process set {size}")
-    if consensus_step is None:
-        consensus_step = 1.0 if compressor.traits.sum_compatible else 0.5 * compressor.contraction()
-    return GossipState(graph, rank, consensus_step, gossip, seed), None

@@ -19,9 +19,9 @@ import struct
 import torch
 
 from hvd_qpr.ops import _DTYPE_CODES, _DTYPES, _NORM_NAMES, NORMS, QuantizedTensor
+from hvd_qpr.seeds import MASK64, splitmix64  # the seed expansion is library code, not oracle
 
 MASK32 = 0xFFFFFFFF
-MASK64 = 0xFFFFFFFFFFFFFFFF
 ELIAS_MAGIC = b"QPRE"
 ELIAS_VERSION = 1
 ELIAS_HEADER = struct.Struct("<4sBBBBB3sIQQ")  # magic, version, bits, norm, dtype, ndim, reserved,
@@ -29,14 +29,6 @@ ELIAS_HEADER = struct.Struct("<4sBBBBB3sIQQ")  # magic, version, bits, norm, dty
 ELIAS_MAX_DIMS = 16
 
 # ---- counter-based generator (csrc/include/qpr/rng.h) ------------------------------------------
-
-
-def splitmix64(z: int) -> int:
-    """SplitMix64's output function of a 64-bit state (Steele, Lea, Flood, OOPSLA 2014)."""
-    z = (z + 0x9E3779B97F4A7C15) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return z ^ (z >> 31)
 
 
 def rng_key(seed: int) -> tuple[int, int]:

@@ -55,3 +55,18 @@ class SyncSchedule:
     def syncs_after(self, local_count: int) -> bool:
         """Whether the models are averaged after local_count local steps since the last average."""
         return (self.local_steps > 1 or self.mixes_models) and local_count >= self.local_steps
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a worker is in its schedule: what ``state_dict()`` saves so a run resumes exactly.
+
+    Attributes:
+        step: ``step()`` calls completed.
+        round: model averages done.
+        local_count: local steps since the last model average.
+    """
+
+    step: int = 0
+    round: int = 0
+    local_count: int = 0

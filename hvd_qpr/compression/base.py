@@ -83,6 +83,12 @@ class Compressor(HorovodCompressor):
         """Remembers corrected - sent, where sent is what this worker's payload decodes to."""
 
     @property
+    def without_residuals(self) -> Compressor:
+        """The compressor that compresses once the residual was added (itself, unless wrapped
+        by :class:`ErrorFeedback`)."""
+        return self
+
+    @property
     def needs_residual(self) -> bool:
         """Whether store_residual wants the decoded local payload (saves a decode when not)."""
         return False

@@ -43,6 +43,10 @@ class ErrorFeedback(Compressor):
     def needs_residual(self) -> bool:
         return True
 
+    @property
+    def without_residuals(self) -> Compressor:
+        return self.inner
+
     def add_residual(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         out = x.detach().reshape(-1).to(torch.float32, copy=True)
         offset = 0

@@ -1,6 +1,7 @@
 """Sparsifiers: Top-k (Aji & Heafield, "Sparse Communication for Distributed Gradient Descent",
 EMNLP 2017; with error feedback, Stich et al., NeurIPS 2018) and Random-k (Wangni et al.,
-NeurIPS 2018). The payload is k int32 indices followed by k float32 values."""
+NeurIPS 2018). The payload is k int32 indices followed by k float32 values (:func:`encode_sparse`,
+:func:`decode_sparse`: the one definition, which gTop-k's exchanges use too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,60 @@ import torch
 
 from hvd_qpr.compression.base import CompressorTraits
 from hvd_qpr.compression.opaque import OpaqueCompressor
+
+SPARSE_ENTRY_BYTES = 8  # an int32 index and a float32 value
+
+
+def encode_sparse(index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The sparse payload of k entries: k int32 indices, then k float32 values, as uint8.
+
+    Example:
+        >>> encode_sparse(torch.tensor([3, 0]), torch.tensor([1.5, -2.0])).numel()
+        16
+    """
+    index_bytes = index.to(torch.int32).contiguous().view(torch.uint8)
+    return torch.cat([index_bytes, value.to(torch.float32).contiguous().view(torch.uint8)])
+
+
+def decode_sparse(
+    payload: torch.Tensor, numel: int, k: int | None = None, owner: str = "sparse"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (int64 indices, float32 values) of a sparse payload for a tensor of numel values,
+    checked: the layout of :func:`encode_sparse`, every index inside ``0..numel-1``.
+
+    Args:
+        payload: the bytes (1-D uint8; a slice of a received buffer may be unaligned).
+        numel: values of the dense tensor the indices point into.
+        k: the entries expected; None takes as many as the payload holds (gTop-k's merged
+            payloads shrink below k when the partners' indices coincide).
+        owner: names the caller in error messages.
+
+    Raises:
+        ValueError: the payload is not 1-D uint8, has the wrong size, or an index lies outside.
+
+    Example:
+        >>> decode_sparse(encode_sparse(torch.tensor([3]), torch.tensor([1.5])), 4)
+        (tensor([3]), tensor([1.5000]))
+    """
+    well_typed = payload.dtype == torch.uint8 and payload.dim() == 1
+    if k is None:
+        if not well_typed or payload.numel() % SPARSE_ENTRY_BYTES:
+            raise ValueError(
+                f"{owner}: a sparse payload of {payload.numel()} bytes ({payload.dtype}, shape "
+                f"{tuple(payload.shape)}) is not 1-D uint8 of {SPARSE_ENTRY_BYTES}-byte entries"
+            )
+        k = payload.numel() // SPARSE_ENTRY_BYTES
+    elif not well_typed or payload.numel() != SPARSE_ENTRY_BYTES * k:
+        raise ValueError(
+            f"{owner}: a payload of {numel} values must be a 1-D uint8 tensor of "
+            f"{SPARSE_ENTRY_BYTES * k} bytes (k = {k}), got {payload.dtype} of shape "
+            f"{tuple(payload.shape)}"
+        )
+    body = payload.clone()  # the slice of a gathered buffer may be unaligned
+    index = body[: 4 * k].view(torch.int32).to(torch.int64)
+    if k and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"{owner}: a payload index lies outside 0..{numel - 1}")
+    return index, body[4 * k :].view(torch.float32)
 
 
 def _check_ratio(ratio: object, name: str) -> float:
@@ -42,22 +97,11 @@ class SparseCompressor(OpaqueCompressor):
 
     def encode(self, x: torch.Tensor, seed: int) -> torch.Tensor:
         flat = x.reshape(-1).to(torch.float32)
-        index, value = self.select(flat, self.k(flat.numel()), seed)
-        return torch.cat([index.to(torch.int32).view(torch.uint8), value.view(torch.uint8)])
+        return encode_sparse(*self.select(flat, self.k(flat.numel()), seed))
 
     def split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (int64 indices, float32 values) of a payload, checked."""
-        k = self.k(numel)
-        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != 8 * k:
-            raise ValueError(
-                f"{self.name}: a payload of {numel} values must be a 1-D uint8 tensor of "
-                f"{8 * k} bytes (k = {k}), got {payload.dtype} of shape {tuple(payload.shape)}"
-            )
-        body = payload.clone()  # the slice of a gathered buffer may be unaligned
-        index = body[: 4 * k].view(torch.int32).to(torch.int64)
-        if k and (int(index.min()) < 0 or int(index.max()) >= numel):
-            raise ValueError(f"{self.name}: a payload index lies outside 0..{numel - 1}")
-        return index, body[4 * k :].view(torch.float32)
+        """The (int64 indices, float32 values) of a payload of exactly k(numel) entries, checked."""
+        return decode_sparse(payload, numel, self.k(numel), owner=self.name)
 
     def decode(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
         index, value = self.split(payload, numel)
@@ -66,7 +110,7 @@ class SparseCompressor(OpaqueCompressor):
         )
 
     def payload_bytes(self, numel: int) -> float:
-        return 8.0 * self.k(numel)
+        return float(SPARSE_ENTRY_BYTES * self.k(numel))
 
 
 class TopKCompressor(SparseCompressor):
@@ -132,7 +176,8 @@ class RandomKCompressor(SparseCompressor):
 
 class NormFractionPolicy:
     """Adaptive-k rule: the smallest k whose largest |x| entries keep ``fraction`` of x's squared
-    l2 norm, capped at ``max_bytes`` of payload (8 bytes an entry) and at least ``min_k``.
+    l2 norm, capped at ``max_bytes`` of payload (:data:`SPARSE_ENTRY_BYTES` an entry) and at least
+    ``min_k``.
 
     Another rule (e.g. Ruan et al.'s) is a class with the same ``__call__(x) -> int``.
 
@@ -144,8 +189,10 @@ class NormFractionPolicy:
     def __init__(self, fraction: float = 0.9, max_bytes: int | None = None, min_k: int = 1) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"NormFractionPolicy: fraction must be in (0, 1], got {fraction!r}")
-        if max_bytes is not None and max_bytes < 8:
-            raise ValueError(f"NormFractionPolicy: max_bytes must be >= 8, got {max_bytes!r}")
+        if max_bytes is not None and max_bytes < SPARSE_ENTRY_BYTES:
+            raise ValueError(
+                f"NormFractionPolicy: max_bytes must be >= {SPARSE_ENTRY_BYTES}, got {max_bytes!r}"
+            )
         self.fraction, self.max_bytes, self.min_k = fraction, max_bytes, min_k
 
     def __call__(self, x: torch.Tensor) -> int:
@@ -154,7 +201,7 @@ class NormFractionPolicy:
             return self.min_k
         k = int(torch.searchsorted(energy, self.fraction * energy[-1])) + 1
         if self.max_bytes is not None:
-            k = min(k, self.max_bytes // 8)
+            k = min(k, self.max_bytes // SPARSE_ENTRY_BYTES)
         return max(self.min_k, min(k, x.numel()))
 
     def __repr__(self) -> str:
@@ -215,4 +262,5 @@ class AdaptiveTopKCompressor(TopKCompressor):
         return super().encode(x, seed)
 
     def payload_bytes(self, numel: int) -> float:
-        return 8.0 * (self._k if self._k is not None else max(1, numel // 100))
+        k = self._k if self._k is not None else max(1, numel // 100)
+        return float(SPARSE_ENTRY_BYTES * k)

@@ -79,3 +79,19 @@ def test_elias_size_report(tmp_path):
     rows = json.loads(out.read_text())
     gaussian_sqrt_d = [r for r in rows if r["input"] == "Gaussian" and r["s"] == 31]
     assert gaussian_sqrt_d and gaussian_sqrt_d[0]["stream_bits_per_value"] < 2.8 + 32 / 1024
+
+
+def test_a_method_is_one_description_for_the_harness_its_worker_and_the_scale_model():
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from netsim_methods import Method, method, method_names
+
+    for name in method_names():
+        m = method(name)
+        # what netsim.py hands each worker on its command line, and what the worker reads
+        assert Method.from_dict(json.loads(json.dumps(dataclasses.asdict(m)))) == m
+        # what the result files record (K resolved, uses_k dropped), which the scale model reads
+        read = Method.from_dict(json.loads(json.dumps(m.spec("allgather"))))
+        assert read.name == name and read.local_steps == m.local_steps and read.uses_k == ""
+        assert type(read.compressor()) is type(m.compressor())

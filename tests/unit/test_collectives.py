@@ -3,11 +3,16 @@ cost model, the schedule and the seeds."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import types
+
 import pytest
 import torch
 
 import hvd_qpr
 from hvd_qpr import collectives as C
+from hvd_qpr.compression import CompressorTraits
 from hvd_qpr.schedule import SyncSchedule
 from hvd_qpr.seeds import derive_seed
 
@@ -147,3 +152,96 @@ def test_cost_model_knows_gtopk():
         assert gt < ag  # k log M against k (M - 1)
         assert C.choose_aggregation(topk, n, m) == "gtopk"
     assert "gtopk" not in C.feasible_aggregations(hvd_qpr.Compression.qsgd())
+
+
+def _todays_feasible(traits):
+    """feasible_aggregations as an if-chain, before the mode records: the records must agree."""
+    if traits.sum_compatible:
+        return ["allreduce"]
+    if traits.adaptive:
+        return ["gtopk", "allgather"]
+    if traits.sparse:
+        return ["gtopk", "scatter-gather", "allgather"]
+    if traits.shared_scale and not traits.variable_length:
+        return ["packed-sum", "scatter-gather", "allgather"]
+    return ["scatter-gather", "allgather"]
+
+
+def test_every_aggregation_has_one_record():
+    assert tuple(C.MODES) == C.AGGREGATIONS
+    assert all(record.name == name for name, record in C.MODES.items())
+    assert [name for name, record in C.MODES.items() if record.dense] == ["allreduce"]
+    assert C.MODES["allreduce"].pipeline is C.allreduce_dense
+    assert C.MODES["gtopk"].pipeline is C.gtopk
+    for m in (2, 3, 4, 5, 64):
+        steps = {name: record.latency_steps(m) for name, record in C.MODES.items()}
+        exchanges = len(C.gtopk_schedule(0, m))
+        assert steps == {
+            "allreduce": 2 * (m - 1),
+            "packed-sum": 4 * (m - 1),  # the scales, then the fields
+            "scatter-gather": 2 * (m - 1),
+            "allgather": m - 1,
+            "gtopk": exchanges,
+        }
+        passes = {name: record.codec_passes(m, True) for name, record in C.MODES.items()}
+        assert passes == {
+            "allreduce": (0.0, 0.0, 0.0),
+            "packed-sum": (1.0, 1.0, 2.0),
+            "scatter-gather": (0.0, 1.0 + 1.0 / m, 3.0),
+            "allgather": (0.0, 1.0, float(m)),
+            "gtopk": (0.0, 0.0, 0.0),
+        }
+    assert C.MODES["scatter-gather"].codec_passes(4, False) == (0.0, 1.25, 2.0)
+    with pytest.raises(ValueError, match="names no trait"):
+        dataclasses.replace(C.MODES["packed-sum"], needs=("shared_scales",))
+
+
+def test_feasibility_is_todays_for_every_combination_of_traits():
+    names = [f.name for f in dataclasses.fields(CompressorTraits)]
+    for bits in itertools.product((False, True), repeat=len(names)):
+        traits = CompressorTraits(**dict(zip(names, bits, strict=True)))
+        compressor = types.SimpleNamespace(traits=traits)
+        assert C.feasible_aggregations(compressor) == _todays_feasible(traits), traits
+
+
+def test_aggregate_refuses_dense_unknown_and_untraited_modes():
+    x = torch.randn(10)
+    for mode in ("allreduce", "ring"):
+        with pytest.raises(ValueError, match="aggregation must be one of") as info:
+            C.aggregate(mode, x, hvd_qpr.Compression.qsgd(), None, "b", [], 0)
+        assert "['allgather', 'gtopk', 'packed-sum', 'scatter-gather']" in str(info.value)
+    with pytest.raises(ValueError, match="'packed-sum' needs a shared-scale compressor"):
+        C.aggregate("packed-sum", x, hvd_qpr.Compression.topk(0.1), None, "b", [], 0)
+    with pytest.raises(ValueError, match="unknown aggregation 'ring'; choose one of"):
+        C.aggregation_mode("ring")
+
+
+def test_a_new_record_is_read_everywhere_without_other_edits(monkeypatch):
+    q4 = hvd_qpr.Compression.qsgd(bits=4)
+    n, payload = 10**6, q4.payload_bytes(10**6)
+
+    def doubled(x, compressor, comm, name, segments, seed, average=True):
+        return 2 * x
+        yield  # a generator that launches nothing
+
+    fake = C.AggregationMode(
+        name="fake",
+        pipeline=doubled,
+        wire_bytes=lambda c, numel, m: c.payload_bytes(numel) / m,
+        collectives=lambda m: ("exchange", "allgather"),
+        codec_passes=lambda m, ef: (0.0, 1.0, 1.0),
+        feasible=lambda t: not t.sum_compatible and not t.variable_length,
+        preference=-1,
+    )
+    with monkeypatch.context() as patch:
+        patch.setitem(C.MODES, "fake", fake)
+        assert C.feasible_aggregations(q4) == ["fake", "packed-sum", "scatter-gather", "allgather"]
+        assert "fake" not in C.feasible_aggregations(hvd_qpr.Compression.qsgd(elias=True))
+        link = C.Link(bandwidth=1e6, latency=0.5)
+        assert C.estimate_wire_bytes("fake", q4, n, 4) == payload / 4
+        assert C.estimate_seconds("fake", q4, n, 4, link) == payload / 4 / 1e6 + (1 + 3) * 0.5
+        assert C.choose_aggregation(q4, n, 64) == "fake"  # a quarter of a payload or less
+        x = torch.randn(7)
+        assert torch.equal(C.finish(C.aggregate("fake", x, q4, None, "b", [], 0)), 2 * x)
+    assert "fake" not in C.MODES
+    assert C.feasible_aggregations(q4) == ["packed-sum", "scatter-gather", "allgather"]

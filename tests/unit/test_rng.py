@@ -53,3 +53,16 @@ def test_no_correlation_between_neighbours_seeds_and_high_words():
     # the lowest of the 24 bits used is balanced too
     low = ((ref.rng_u32(7, idx) >> 8) & 1).double()
     assert abs(low.mean().item() - 0.5) < 6 * 0.5 / math.sqrt(n)
+
+
+def test_splitmix64_is_library_code_the_oracle_imports():
+    import ast
+    from pathlib import Path
+
+    from hvd_qpr import seeds
+
+    assert ref.splitmix64 is seeds.splitmix64 and ref.MASK64 == seeds.MASK64 == 2**64 - 1
+    assert seeds.splitmix64(0) == 0xE220A8397B1DCDAF
+    tree = ast.parse(Path(seeds.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "hvd_qpr.reference" not in imported  # the oracle is no dependency of library code

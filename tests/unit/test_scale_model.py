@@ -3,6 +3,7 @@ cost model, synthetic kernel throughput and a synthetic harness result; no Horov
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -180,13 +181,45 @@ def test_repository_kernel_results_load():
 
 
 def test_codec_passes(kernels):
-    qsgd = sm.Spec(compression="qsgd", bits=4, local_steps=8)
+    qsgd = sm.Method(compression="qsgd", bits=4, local_steps=8)
     n, m = N, 8
     assert sm.codec_seconds("packed-sum", qsgd, n, m, kernels) == pytest.approx(2e-3 + 0.5e-3)
     sg = sm.codec_seconds("scatter-gather", qsgd, n, m, kernels)
     assert sg == pytest.approx(1e-3 * (1 + 1 / m) + 2 * 0.5e-3)
     assert sm.codec_seconds("allgather", qsgd, n, m, kernels) == pytest.approx(1e-3 + m * 0.5e-3)
-    assert sm.codec_seconds("allreduce", sm.Spec(compression="fp16"), n, m, kernels) == 0.0
+    assert sm.codec_seconds("allreduce", sm.Method(compression="fp16"), n, m, kernels) == 0.0
+
+
+def test_codec_passes_come_from_the_mode_records(kernels, monkeypatch):
+    from hvd_qpr import collectives as C
+
+    qsgd = sm.Method(compression="qsgd", bits=4, error_feedback=True)
+    for mode in ("packed-sum", "scatter-gather", "allgather"):
+        quantize_only, encoded, decoded = C.MODES[mode].codec_passes(8, True)
+        expected = (quantize_only + encoded) * 1e-3 + decoded * 0.5e-3
+        assert sm.codec_seconds(mode, qsgd, N, 8, kernels) == pytest.approx(expected)
+    # a mode added to the registry is priced without editing the scale model
+    fake = dataclasses.replace(
+        C.MODES["allgather"], name="fake", codec_passes=lambda m, ef: (m, 0, 1)
+    )
+    monkeypatch.setitem(C.MODES, "fake", fake)
+    assert sm.codec_seconds("fake", qsgd, N, 4, kernels) == pytest.approx(4e-3 + 0.5e-3)
+
+
+def test_the_scale_model_reads_the_harness_method():
+    import netsim_methods
+
+    assert sm.Method is netsim_methods.Method and not hasattr(sm, "Spec")
+    assert all(isinstance(m, sm.Method) and m.name for m in sm.METHODS)
+    # every harness result file in the repository, old ones too, reads back field for field
+    paths = sorted((ROOT / "benchmarks/results").glob("netsim_*.json"))
+    assert paths
+    for path in paths:
+        for name, run in json.loads(path.read_text())["methods"].items():
+            method = sm.Method.from_dict(run["spec"])
+            given = {k: v for k, v in run["spec"].items() if v is not None}
+            assert {k: getattr(method, k) for k in given} == given, (path.name, name)
+    assert sm.Method.from_dict({"local_steps": 4, "unknown": 1, "bits": None}).bits is None
 
 
 def test_predictions_positive_finite_and_consistent(kernels):
@@ -258,7 +291,7 @@ def test_sparse_wire_bytes_grow_as_k_log_m_for_gtopk_and_k_m_for_allgather(kerne
         assert sparse[("gtopk", m)] == pytest.approx(math.log2(m) * payload)
     assert sparse[("allgather", 1024)] / sparse[("gtopk", 1024)] == pytest.approx(102.3)
     # not a power of two: fold the extra rank in and back out, two more exchanges
-    topk = sm.build_compressor(sm.Spec(compression="topk", ratio=0.001))
+    topk = sm.Method(compression="topk", ratio=0.001).compressor()
     assert sm.estimate_wire_bytes("gtopk", topk, N, 5) == pytest.approx(4 * payload)
     # so from 32 to 1024 workers gTop-k's communication time doubles, the allgather's is 33x
     name = "Top-k 0.001 EF"

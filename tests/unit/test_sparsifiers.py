@@ -158,3 +158,32 @@ def test_empty_tensors():
     for c in (C.topk(0.1), C.topk(0.1, approximate=True), C.randomk(0.1), C.terngrad(), C.efsign()):
         payload = c.encode(torch.zeros(0), 1)
         assert c.decode(payload, 0).numel() == 0, c
+
+
+def test_one_sparse_payload_definition():
+    from hvd_qpr import collectives
+    from hvd_qpr.compression import sparse
+
+    index, value = torch.tensor([7, 0, 3]), torch.tensor([1.5, -2.0, 0.25])
+    payload = sparse.encode_sparse(index, value)
+    layout = torch.cat([index.to(torch.int32).view(torch.uint8), value.view(torch.uint8)])
+    assert payload.dtype == torch.uint8 and torch.equal(payload, layout)
+    assert payload.numel() == sparse.SPARSE_ENTRY_BYTES * 3
+    for k in (3, None):  # None: as many entries as the payload holds
+        got = sparse.decode_sparse(payload, 10, k)
+        assert torch.equal(got[0], index) and torch.equal(got[1], value)
+    shifted = torch.cat([torch.zeros(1, dtype=torch.uint8), payload])[1:]  # unaligned slice
+    assert torch.equal(sparse.decode_sparse(shifted, 10)[1], value)
+    # the compressors and gTop-k's exchanges use it
+    c = TopKCompressor(0.3)
+    x = random_input(10, seed=5)
+    assert torch.equal(c.encode(x, 0), sparse.encode_sparse(*c.select(x, c.k(10), 0)))
+    assert c.payload_bytes(10) == c.encode(x, 0).numel()
+    assert collectives.encode_sparse is sparse.encode_sparse
+    assert collectives.decode_sparse is sparse.decode_sparse
+    with pytest.raises(ValueError, match="gtopk: a sparse payload of 12 bytes"):
+        sparse.decode_sparse(payload[:12], 10, owner="gtopk")
+    with pytest.raises(ValueError, match="gtopk: a payload index lies outside 0..6"):
+        sparse.decode_sparse(payload, 7, owner="gtopk")
+    with pytest.raises(ValueError, match="topk: a payload of 10 values must be a 1-D uint8 tensor"):
+        sparse.decode_sparse(payload.view(torch.int32), 10, 3, owner="topk")
