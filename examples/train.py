@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hvd_qpr  # noqa: E402
 from hvd_qpr.collectives import AGGREGATIONS, ring_allreduce_wire_bytes  # noqa: E402
-from hvd_qpr.gossip import GOSSIP_MODES, TOPOLOGIES  # noqa: E402
+from hvd_qpr.gossip import GOSSIP_MODES  # noqa: E402
+from hvd_qpr.topology import TOPOLOGIES  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,9 +1,12 @@
 """How compressed tensors are aggregated through Horovod's collectives, and what that costs.
 
-Aggregations (DESIGN.md 2.3), each a generator that launches asynchronous Horovod collectives,
-yields what it launched, and on the next ``next()`` waits for it, so :func:`run_pipelines` can
-launch every bucket's collectives before waiting for any (Horovod then fuses them), and
-:class:`InFlight` can advance a chain of collectives from ``step()`` calls without blocking:
+Aggregations (DESIGN.md 2.3), each a generator (a *pipeline*) that launches asynchronous
+collectives, yields what it launched, and on the next ``next()`` waits for it, so :func:`gather`
+can launch every bucket's collectives before waiting for any (Horovod then fuses them),
+:class:`InFlight` can advance a chain of collectives from ``step()`` calls without blocking,
+:func:`run` drives one against Horovod, and the in-process communicator of the unit tests drives
+M of them in lockstep. Each mode is one :class:`AggregationMode` record in :data:`MODES` (its
+pipeline, wire bytes, chain of collectives, codec passes and the traits it needs):
 
 * ``allreduce``: a sum-compatible payload (no compression, fp16, bf16) all-reduced as is.
 * ``packed-sum``: all workers agree on one scale per bucket (``allreduce(Max)``), quantize to
@@ -16,10 +19,13 @@ launch every bucket's collectives before waiting for any (Horovod then fuses the
   log2(M) pairwise exchanges (``alltoall`` with one non-zero split), each partner summing the two
   sparse vectors and keeping the k largest, so every rank ends with the same k entries.
 
-:class:`Comm` counts bytes as DESIGN.md 2.3 defines them: *payload* (what this worker hands to
+:class:`Comm` (over :class:`HorovodBackend`, or any backend with its methods) counts bytes as
+DESIGN.md 2.3 defines them: *payload* (what this worker hands to
 Horovod) and *wire* (what it sends under the collective's algorithm: ring all-reduce
 ``2(M-1)/M`` of the payload, ring allgather ``(M-1)/M`` of the gathered total, alltoall the bytes
 addressed to other ranks). :func:`choose_aggregation` is the cost model behind ``"auto"``.
+Every variable-length payload travels in one framing format (:func:`encode_frame`,
+:func:`raw_frame`, :func:`split_frames`).
 
 Example:
     >>> comm = Comm(hvd.global_process_set)

@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hvd_qpr  # noqa: E402
 from hvd_qpr import collectives  # noqa: E402
-from hvd_qpr.compression import QSGDCompressor  # noqa: E402
-from tests.parallel.simulation import Simulation  # noqa: E402
+from tests.parallel.simulation import RecordingQSGD, Simulation  # noqa: E402
 from tests.parallel.worker_common import (  # noqa: E402
     RANK,
     SIZE,
@@ -128,24 +127,6 @@ def check_equals_horovod() -> None:
 
 
 # ---- PR-SGD and QPR-SGD against the single-process simulation ----------------------------------
-
-
-class RecordingQSGD(QSGDCompressor):
-    """QSGD that remembers what it sent: packed-sum fields and encoded payloads."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.sent: list[torch.Tensor] = []
-
-    def quantize_fields(self, x, scales, seed):
-        fields = super().quantize_fields(x, scales, seed)
-        self.sent.append(fields.clone())
-        return fields
-
-    def encode(self, x, seed):
-        payload = super().encode(x, seed)
-        self.sent.append(payload.clone())
-        return payload
 
 
 def check_simulation(mode: str | None, bits: int | None, k: int, warmup: int) -> None:

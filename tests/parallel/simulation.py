@@ -14,9 +14,28 @@ from collections.abc import Callable
 import torch
 
 import hvd_qpr.reference as ref
+from hvd_qpr.compression import QSGDCompressor
 from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class RecordingQSGD(QSGDCompressor):
+    """QSGD that remembers what it sent: packed-sum fields and encoded payloads."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sent: list[torch.Tensor] = []
+
+    def quantize_fields(self, x, scales, seed):
+        fields = super().quantize_fields(x, scales, seed)
+        self.sent.append(fields.clone())
+        return fields
+
+    def encode(self, x, seed):
+        payload = super().encode(x, seed)
+        self.sent.append(payload.clone())
+        return payload
 
 
 def chunk_edges(numel: int, parts: int, block: int) -> list[tuple[int, int]]:

@@ -80,3 +80,15 @@ def test_the_library_does_not_import_the_test_oracle():
         if path.name == "reference.py":
             continue
         assert "hvd_qpr.reference" not in _imports(_tree(path)), path
+
+
+def test_the_example_script_imports_and_parses_every_paradigm():
+    """examples/train.py (what make demo runs) imports only names the library still has."""
+    import importlib.util
+
+    path = PACKAGE.parent / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("hvd_qpr_example_train", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = train.parser().parse_args(["--topology", "one-peer", "--aggregation", "gtopk"])
+    assert (args.topology, args.aggregation) == ("one-peer", "gtopk")

@@ -16,11 +16,15 @@ import torch.nn.functional as F
 
 import hvd_qpr
 from hvd_qpr.compression import Compression as C
-from hvd_qpr.compression import QSGDCompressor
 from hvd_qpr.gossip import Gossip, GossipGroup, GossipState
 from tests.inprocess import RankFailed, World
 from tests.lockstep import Lockstep
-from tests.parallel.simulation import OverlapSimulation, Simulation, simulate_gossip
+from tests.parallel.simulation import (
+    OverlapSimulation,
+    RecordingQSGD,
+    Simulation,
+    simulate_gossip,
+)
 
 WORLDS = (1, 2, 3, 4, 5, 8)
 
@@ -51,24 +55,6 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.2, momentum=0.9)
-
-
-class RecordingQSGD(QSGDCompressor):
-    """QSGD that remembers what it sent: packed-sum fields and encoded payloads."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.sent: list[torch.Tensor] = []
-
-    def quantize_fields(self, x, scales, seed):
-        fields = super().quantize_fields(x, scales, seed)
-        self.sent.append(fields.clone())
-        return fields
-
-    def encode(self, x, seed):
-        payload = super().encode(x, seed)
-        self.sent.append(payload.clone())
-        return payload
 
 
 def lockstep(m: int, model: torch.nn.Module, **kwargs) -> Lockstep:
