@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hvd_qpr  # noqa: E402
 from hvd_qpr import collectives  # noqa: E402
-from tests.parallel.simulation import RecordingQSGD, Simulation  # noqa: E402
+from tests.parallel.simulation import RecordingQSGD, Simulation, SmallNet, random_batch  # noqa: E402
 from tests.parallel.worker_common import (  # noqa: E402
     RANK,
     SIZE,
@@ -35,28 +35,13 @@ from tests.parallel.worker_common import (  # noqa: E402
 torch.set_num_threads(1)
 
 
-class Net(torch.nn.Module):
-    """Two compressible weights, small biases, a frozen and an unused parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(24, 48)
-        self.fc2 = torch.nn.Linear(48, 40)
-        self.frozen = torch.nn.Parameter(torch.randn(7), requires_grad=False)
-        self.unused = torch.nn.Parameter(torch.randn(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)) + self.frozen.sum())
-
-
-def make_net() -> Net:
+def make_net() -> SmallNet:
     torch.manual_seed(1234)
-    return Net()
+    return SmallNet(24, 48, 40, frozen=7)
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(16, 24, generator=g), torch.randint(0, 40, (16,), generator=g)
+    return random_batch(rank, step, 16, 24, 40)
 
 
 def train_step(model, opt, step: int, clip: bool = False, passes: int = 1) -> None:

@@ -20,6 +20,27 @@ from hvd_qpr.seeds import PHASE_REQUANTIZE, PHASE_SEND, derive_seed
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class SmallNet(torch.nn.Module):
+    """Two compressible weights, small biases, a frozen and an unused parameter: what the
+    optimizer tests train (sizes chosen per test)."""
+
+    def __init__(self, inputs: int, hidden: int, classes: int, frozen: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(inputs, hidden)
+        self.fc2 = torch.nn.Linear(hidden, classes)
+        self.frozen = torch.nn.Parameter(torch.randn(frozen), requires_grad=False)
+        self.unused = torch.nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)) + self.frozen.sum())
+
+
+def random_batch(rank: int, step: int, rows: int, inputs: int, classes: int) -> Batch:
+    """Rank's batch of a step: Gaussian inputs, uniform labels, reproducible."""
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return torch.randn(rows, inputs, generator=g), torch.randint(0, classes, (rows,), generator=g)
+
+
 class RecordingQSGD(QSGDCompressor):
     """QSGD that remembers what it sent: packed-sum fields and encoded payloads."""
 

@@ -23,34 +23,21 @@ from tests.parallel.simulation import (
     OverlapSimulation,
     RecordingQSGD,
     Simulation,
+    SmallNet,
+    random_batch,
     simulate_gossip,
 )
 
 WORLDS = (1, 2, 3, 4, 5, 8)
 
 
-class Net(torch.nn.Module):
-    """Two compressible weights, small biases, a frozen and an unused parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(12, 40)
-        self.fc2 = torch.nn.Linear(40, 10)
-        self.frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
-        self.unused = torch.nn.Parameter(torch.randn(5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)) + self.frozen.sum())
-
-
-def make_net() -> Net:
+def make_net() -> SmallNet:
     torch.manual_seed(1234)
-    return Net()
+    return SmallNet(12, 40, 10, frozen=3)
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * rank + step)
-    return torch.randn(8, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
+    return random_batch(rank, step, 8, 12, 10)
 
 
 def sgd(params):
